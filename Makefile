@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# TORCH defaults to the CPU build that lies on local disk; GPU users override it,
+# e.g. `make demo TORCH=torch==2.14.1`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_OUT ?= out/demo
+
+.PHONY: demo test lint venv install install-test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Stamp files make re-runs cheap; they depend on pyproject.toml so a change reinstalls.
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e ".[test]"
+	# The original ldm modules (test oracle for single-file checkpoints); no dependencies.
+	$(PIP) install -q --no-deps stable-diffusion-sdkit
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(PY) -m jobs run examples/demo.yaml --overwrite --set output.path=$(DEMO_OUT)
+	$(PY) -m jobs show $(DEMO_OUT) --sheet $(DEMO_OUT)/contact_sheet.png
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check model jobs tests benchmarks
+
+test: $(VENV)/.installed-test lint
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: $(VENV)/.installed-test
+	$(PY) benchmarks/compare_diffusers.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,166 @@
+"""Where a pipeline's weights come from: ``builtin:NAME``, a local path, or ``s3://``.
+
+Nothing is ever downloaded from a model hub: a source is the shipped built-in model, or a
+path/URI the user names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from .configs import TextConfig, UNetConfig, VAEConfig
+from .pipeline import Pipeline, resolve_dtype
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+# SD 1.x's scheduler: what single-file checkpoints and the random model use.
+SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+# A tiny model with random weights (seeded, so the same everywhere): for tests and for
+# trying the job system without any weights at hand. It draws noise, not pictures.
+TINY_UNET = UNetConfig(
+    sample_size=8,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=2,
+    cross_attention_dim=32,
+    norm_num_groups=16,
+)
+TINY_VAE = VAEConfig(
+    block_out_channels=(8, 8, 16, 16),  # four levels: the SD downsampling factor of 8
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=64,
+)
+TINY_TEXT = TextConfig(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+)
+
+
+def content_hash(modules: dict[str, torch.nn.Module]) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes, in a fixed order."""
+    digest = hashlib.sha256()
+    for prefix in sorted(modules):
+        for key, tensor in sorted(modules[prefix].state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{prefix}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def build_tiny_random(device, dtype) -> Pipeline:
+    from .text_encoder import CLIPTextModel
+    from .tokenizer import CLIPTokenizer
+    from .unet import UNet
+    from .vae import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(20261125)
+        unet, vae, text = UNet(TINY_UNET), AutoencoderKL(TINY_VAE), CLIPTextModel(TINY_TEXT)
+        # Default inits leave some output projections near zero; spread them so the
+        # images carry visible structure, which makes tests of the job system stronger.
+        for module in (unet, vae, text):
+            for p in module.parameters():
+                if p.ndim > 1:
+                    p.data.normal_(0.0, 1.0 / max(1.0, p[0].numel() ** 0.5))
+    digest = content_hash({"unet": unet, "vae": vae, "text_encoder": text})
+    return assemble(CLIPTokenizer.default(), text, unet, vae, SD1_SCHEDULER,
+                    name="builtin:tiny-random", digest=digest, device=device, dtype=dtype)
+
+
+def assemble(tokenizer, text_encoder, unet, vae, scheduler_config, *, name, digest, device, dtype) -> Pipeline:
+    torch_dtype = resolve_dtype(dtype)
+    vae_dtype = torch.float32 if torch_dtype == torch.float16 else torch_dtype
+    text_encoder.to(device, torch_dtype).eval()
+    unet.to(device, torch_dtype).eval()
+    vae.to(device, vae_dtype).eval()
+    return Pipeline(tokenizer, text_encoder, unet, vae, scheduler_config,
+                    name=name, content_hash=digest, device=device, dtype=torch_dtype)
+
+
+def load_builtin_folder(name: str, device, dtype) -> Pipeline:
+    folder = BUILTIN_DIR / name
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"builtin:{name} is not shipped in this installation (no {folder}/model_index.json); "
+            f"available: {sorted(available_builtins())}"
+        )
+    return load_path(str(folder), device, dtype, None, name=f"builtin:{name}")
+
+
+def available_builtins() -> list[str]:
+    shipped = [p.name for p in BUILTIN_DIR.glob("*") if (p / "model_index.json").exists()]
+    return sorted({"tiny-random", *shipped})
+
+
+def load_path(path: str, device, dtype, config, *, name: str | None = None) -> Pipeline:
+    from . import weights
+
+    components = weights.load_components(path, device=device, dtype=resolve_dtype(dtype), config=config)
+    return assemble(
+        components.tokenizer, components.text_encoder, components.unet, components.vae,
+        components.scheduler_config, name=name or components.name,
+        digest=components.content_hash, device=device, dtype=dtype,
+    )
+
+
+def fetch_s3(uri: str) -> str:
+    """Copy an s3:// model (a folder prefix or one file) to a local cache; returns the path."""
+    from jobs.storage import open_storage  # the project's one storage interface
+
+    cache_root = Path(os.environ.get("LDM_JOBS_CACHE", Path.home() / ".cache" / "ldm-jobs")) / "models"
+    local = cache_root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    storage = open_storage(uri)
+    keys = storage.list("")
+    if not keys:
+        raise FileNotFoundError(f"no model found at {uri}")
+    for key in keys:
+        relative = key
+        target = local / relative if relative else local / uri.rsplit("/", 1)[-1]
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".partial")
+            tmp.write_bytes(storage.read_bytes(key))
+            os.replace(tmp, target)
+    if len(keys) == 1 and keys[0] in ("",):
+        return str(local / uri.rsplit("/", 1)[-1])
+    return str(local)
+
+
+BUILTINS = {"tiny-random": build_tiny_random}
+
+
+def load(source: str, *, device="cpu", dtype="float32", config: str | None = None) -> Pipeline:
+    if not isinstance(source, str) or not source:
+        raise ValueError("model source must be a non-empty string")
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        builder = BUILTINS.get(name)
+        if builder is not None:
+            return builder(device, dtype)
+        if name not in available_builtins():
+            raise ValueError(f"unknown built-in model {source!r}; available: {available_builtins()}")
+        return load_builtin_folder(name, device, dtype)
+    if source.startswith("s3://"):
+        return load_path(fetch_s3(source), device, dtype, config, name=source)
+    return load_path(source, device, dtype, config, name=source)

@@ -1,0 +1,306 @@
+"""txt2img / img2img over the model components, seed for seed with diffusers.
+
+The pipeline owns no randomness of its own: every draw for sample i comes from
+``torch.Generator("cpu").manual_seed(seeds[i])`` in the order diffusers' pipelines draw
+them when given one generator per sample (initial latents; or VAE sample then noise for
+img2img; then any ancestral noise inside the sampler). An image therefore depends only on
+its own row, never on its batch or machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import samplers as sampling
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_SEED = 2**63 - 1
+MAX_SIDE = 4096
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        raise ValueError(f"dtype {dtype} is not one of {sorted(DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _per_row(name: str, value: Any, n: int) -> list:
+    """A scalar broadcast to n rows, or a list that must have exactly n entries."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+        return list(value)
+    return [value] * n
+
+
+@dataclass
+class GenerationRequest:
+    """The checked arguments of one ``generate`` call."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    guidance_scales: list[float]
+    steps: int
+    sampler: str
+    width: int
+    height: int
+    init_images: list[Image.Image] | None = None
+    strength: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    """A loaded latent diffusion model: tokenizer, text encoder, UNet, VAE and a schedule."""
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder: torch.nn.Module,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        scheduler_config: dict,
+        *,
+        name: str,
+        content_hash: str,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.vae = vae
+        self.scheduler_config = dict(scheduler_config)
+        self.schedule_config = sampling.SchedulerConfig.from_dict(self.scheduler_config)
+        self.name = name
+        self.content_hash = content_hash
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        # float16 overflows inside the VAE decoder of SD models (black/NaN images); keep the
+        # VAE in float32 there. bfloat16 has float32's range, so it may stay as it is.
+        self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        self.latent_channels = int(getattr(unet.config, "in_channels", 4))
+        self.vae_factor = int(vae.downsampling_factor)
+
+    # ----------------------------------------------------------------- public API
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        negative_prompts: Sequence[str] | str | None = None,
+        steps: int = 30,
+        guidance_scale: float | Sequence[float] = 7.5,
+        sampler: str = "dpmpp_2m",
+        width: int = 512,
+        height: int = 512,
+        init_images: Sequence[Image.Image] | None = None,
+        strength: float = 0.75,
+    ) -> list[Image.Image]:
+        request = self.check(
+            prompts, seeds, negative_prompts, steps, guidance_scale, sampler, width, height,
+            init_images, strength,
+        )
+        latents = self.denoise(request)
+        return self.decode(latents)
+
+    def check(
+        self, prompts, seeds, negative_prompts, steps, guidance_scale, sampler, width, height,
+        init_images, strength,
+    ) -> GenerationRequest:
+        """Every argument checked, with an error that names it."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise TypeError("prompts must be a list of strings")
+        prompts = list(prompts)
+        n = len(prompts)
+        if n == 0:
+            raise ValueError("prompts is empty")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"prompts[{i}] is {type(p).__name__}, not a string")
+        if negative_prompts is None:
+            negative_prompts = ""
+        negatives = _per_row("negative_prompts", negative_prompts, n)
+        for i, p in enumerate(negatives):
+            if not isinstance(p, str):
+                raise TypeError(f"negative_prompts[{i}] is {type(p).__name__}, not a string")
+        if isinstance(seeds, (int, np.integer)) or not isinstance(seeds, Sequence):
+            raise TypeError("seeds must be a list of integers, one per prompt")
+        seeds = list(seeds)
+        if len(seeds) != n:
+            raise ValueError(f"seeds has {len(seeds)} entries for {n} prompts")
+        for i, s in enumerate(seeds):
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+                raise TypeError(f"seeds[{i}] is {type(s).__name__}, not an integer")
+            if not 0 <= int(s) <= MAX_SEED:
+                raise ValueError(f"seeds[{i}]={s} is outside [0, 2**63-1]")
+        scales = _per_row("guidance_scale", guidance_scale, n)
+        for i, s in enumerate(scales):
+            if isinstance(s, bool) or not isinstance(s, (int, float, np.floating, np.integer)):
+                raise TypeError(f"guidance_scale[{i}] is {type(s).__name__}, not a number")
+            if not math.isfinite(float(s)):
+                raise ValueError(f"guidance_scale[{i}]={s} is not finite")
+        if sampler not in sampling.SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} is not one of {sorted(sampling.SAMPLERS)}")
+        num_train = int(self.schedule_config.num_train_timesteps)
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+            raise TypeError(f"steps must be an integer, got {type(steps).__name__}")
+        if not 1 <= int(steps) <= num_train:
+            raise ValueError(f"steps={steps} is outside [1, {num_train}]")
+        for name, side in (("width", width), ("height", height)):
+            if isinstance(side, bool) or not isinstance(side, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer, got {type(side).__name__}")
+            if not self.vae_factor <= side <= MAX_SIDE or side % self.vae_factor:
+                raise ValueError(
+                    f"{name}={side} must be a multiple of {self.vae_factor} in "
+                    f"[{self.vae_factor}, {MAX_SIDE}]"
+                )
+        images = None
+        if init_images is not None:
+            if isinstance(init_images, Image.Image) or not isinstance(init_images, Sequence):
+                raise TypeError("init_images must be a list of PIL images, one per prompt")
+            images = list(init_images)
+            if len(images) != n:
+                raise ValueError(f"init_images has {len(images)} entries for {n} prompts")
+            for i, im in enumerate(images):
+                if not isinstance(im, Image.Image):
+                    raise TypeError(f"init_images[{i}] is {type(im).__name__}, not a PIL image")
+            if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)):
+                raise TypeError(f"strength must be a number, got {type(strength).__name__}")
+            if not (0.0 < float(strength) <= 1.0):
+                raise ValueError(f"strength={strength} is outside (0, 1]")
+            if int(int(steps) * float(strength)) < 1:
+                raise ValueError(
+                    f"steps={steps} with strength={strength} leaves no denoising step "
+                    "(int(steps * strength) must be at least 1)"
+                )
+        return GenerationRequest(
+            prompts=prompts,
+            negative_prompts=negatives,
+            seeds=[int(s) for s in seeds],
+            guidance_scales=[float(s) for s in scales],
+            steps=int(steps),
+            sampler=sampler,
+            width=int(width),
+            height=int(height),
+            init_images=images,
+            strength=float(strength) if images is not None else None,
+        )
+
+    # ------------------------------------------------------------------- stages
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts).to(self.device)
+        return self.text_encoder(ids).to(self.dtype)  # (B, 77, D)
+
+    def text_context(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet context for one call, and which rows are guided.
+
+        Guided rows stack [uncond; cond] so both branches run in one UNet call; rows with
+        scale <= 1 run the conditional branch alone, as diffusers does.
+        """
+        guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
+        cond = self.encode_text(request.prompts)
+        if not bool(guided.any()):
+            return cond, guided
+        uncond = self.encode_text(request.negative_prompts)
+        return torch.cat([uncond, cond]), guided
+
+    def initial_noise(self, generators: list[torch.Generator], shape: tuple) -> torch.Tensor:
+        # One draw of batch 1 per sample from its own generator, in float32 on the CPU.
+        return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+
+    def encode_images(self, images: list[Image.Image], request: GenerationRequest) -> torch.Tensor:
+        """Scaled latents of the init images; sample i drawn from its own generator."""
+        pixels = torch.cat([self.image_to_tensor(im, request.width, request.height) for im in images])
+        pixels = pixels.to(self.device, self.vae_dtype)
+        mean, logvar = self.vae.encode_moments(pixels)
+        return mean, logvar
+
+    @staticmethod
+    def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        return tensor * 2.0 - 1.0
+
+    def model_fn(self, context: torch.Tensor, guided: torch.Tensor, scales: torch.Tensor):
+        """The raw UNet prediction with classifier-free guidance, for the sampler."""
+        any_guided = bool(guided.any())
+        guided = guided.to(self.device)
+        scales = scales.to(self.device)
+
+        def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            batch = x_in.shape[0]
+            x_unet = torch.cat([x_in, x_in]) if any_guided else x_in
+            t = torch.as_tensor(t, device=self.device)
+            t_unet = t.expand(x_unet.shape[0]) if t.ndim == 0 else torch.cat([t, t]) if any_guided else t
+            out = self.unet(x_unet.to(self.device, self.dtype), t_unet, context).float()
+            if not any_guided:
+                return out
+            uncond, cond = out[:batch], out[batch:]
+            mixed = uncond + scales.view(-1, 1, 1, 1) * (cond - uncond)
+            return torch.where(guided.view(-1, 1, 1, 1), mixed, cond)
+
+        return predict
+
+    def denoise(self, request: GenerationRequest) -> torch.Tensor:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
+        shape = (self.latent_channels, request.height // self.vae_factor, request.width // self.vae_factor)
+        context, guided = self.text_context(request)
+        scales = torch.tensor(request.guidance_scales, dtype=torch.float32)
+        predict = self.model_fn(context, guided, scales)
+        if request.init_images is None:
+            noise = self.initial_noise(generators, shape).to(self.device)
+            return sampling.txt2img(
+                request.sampler, predict, noise, request.steps, self.schedule_config,
+                generators=generators,
+            )
+        mean, logvar = self.encode_images(request.init_images, request)
+        init_latents = torch.cat([
+            self.vae.sample(mean[i : i + 1], logvar[i : i + 1], generators[i]) for i in range(len(generators))
+        ]).float() * self.vae.scaling_factor
+        noise = self.initial_noise(generators, shape).to(self.device)
+        return sampling.img2img(
+            request.sampler, predict, init_latents, noise, request.steps, request.strength,
+            self.schedule_config, generators=generators,
+        )
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        images = self.decode_to_array(latents)
+        return [Image.fromarray(a) for a in images]
+
+    def decode_to_array(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 images (B, H, W, 3); decoded again in float32 if half precision gave NaN."""
+        z = latents.to(self.device, torch.float32) / self.vae.scaling_factor
+        pixels = self.vae.decode(z.to(self.vae_dtype)).float()
+        if not torch.isfinite(pixels).all() and self.vae_dtype != torch.float32:
+            pixels = self.vae.float().decode(z).float()
+            self.vae.to(self.vae_dtype)
+        if not torch.isfinite(pixels).all():
+            raise FloatingPointError("the VAE decoded non-finite pixels (NaN or infinity)")
+        pixels = (pixels / 2 + 0.5).clamp(0, 1)
+        array = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        return (array * 255).round().astype(np.uint8)
+
+
+def load_pipeline(
+    source: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
+    config: str | None = None,
+) -> Pipeline:
+    """Load ``builtin:NAME``, a diffusers folder or a single-file checkpoint (local or s3://)."""
+    from . import loading
+
+    return loading.load(source, device=device, dtype=dtype, config=config)
