@@ -1,0 +1,233 @@
+"""`ldm-jobs` (and `python -m jobs`): run, submit, validate, show, schema.
+
+Exit codes: 0 success; 1 the job ran but did not account for every row, or failed
+(a shard kept failing, the model did not load, storage errors); 2 a bad spec or bad
+input, reported before any work starts (argparse also exits 2 on bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jobs.spec import JobSpec, SpecError, load_spec, parse_spec, spec_schema
+
+# The project root travels to a remote cluster as the Ray Jobs working_dir.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Never upload these: environments, outputs, caches and VCS data are large and local.
+SUBMIT_EXCLUDES = [
+    ".venv", "venv", "out", ".git", "__pycache__", "*.pyc", ".pytest_cache",
+    ".ruff_cache", "*.egg-info", "build", "dist", "tmp",
+]
+
+
+class CliError(Exception):
+    """A user-facing failure: print the message, exit with `code`."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# (module, exception class) -> exit code. Looked up in sys.modules when an error arrives,
+# so a command never imports a module (Ray above all) just to name its errors.
+ERROR_CODES: dict[tuple[str, str], int] = {
+    ("jobs.spec", "SpecError"): 2,
+    ("jobs.readers", "InputError"): 2,
+    ("jobs.storage", "StorageError"): 1,
+    ("jobs.report", "OutputError"): 1,
+    ("jobs.runner", "JobFailed"): 1,
+}
+
+
+def exit_code_for(error: BaseException) -> int | None:
+    """The exit code of a known, user-facing error; None for a bug (show its traceback)."""
+    for (module_name, class_name), code in ERROR_CODES.items():
+        error_type = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(error_type, type) and isinstance(error, error_type):
+            return code
+    return None
+
+
+def _read_spec(args: argparse.Namespace) -> JobSpec:
+    if getattr(args, "spec_json", None):
+        # `submit` ships the already-resolved spec inline, so the cluster runs exactly
+        # what was validated on the submitting machine.
+        try:
+            data = json.loads(args.spec_json)
+        except json.JSONDecodeError as error:
+            raise SpecError(f"--spec-json: not valid JSON: {error}") from None
+        return parse_spec(data, source="--spec-json")
+    return load_spec(args.job, args.set)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = _read_spec(args)
+    from jobs.runner import run_job  # Ray is imported only when a job runs
+
+    manifest = run_job(
+        spec, address=args.address, overwrite=args.overwrite, progress=not args.quiet
+    )
+    missing = unaccounted_rows(manifest)
+    if missing or not manifest.get("complete", False):
+        print(f"error: {missing} input row(s) are neither generated nor recorded as rejected "
+              f"(missing shards: {', '.join(manifest.get('missing_shards', [])) or 'none'}); "
+              "re-run the same command to resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+def unaccounted_rows(manifest: dict) -> int:
+    """Input rows the manifest does not account for (neither generated nor rejected)."""
+    counts = manifest["counts"]
+    return max(0, int(counts["input_rows"]) - int(counts["accepted_rows"])
+               - int(counts["rejected"]))
+
+
+def submission_request(spec: JobSpec, *, overwrite: bool = False) -> dict[str, Any]:
+    """The keyword arguments of `JobSubmissionClient.submit_job` for this spec."""
+    entrypoint = ["python", "-m", "jobs", "run", "--spec-json",
+                  json.dumps(spec.model_dump(mode="json"), separators=(",", ":"))]
+    if overwrite:
+        entrypoint.append("--overwrite")
+    return {
+        "entrypoint": shlex.join(entrypoint),
+        "runtime_env": {"working_dir": str(PROJECT_ROOT), "excludes": list(SUBMIT_EXCLUDES)},
+        "metadata": {"ldm_jobs_name": spec.name},
+    }
+
+
+def submit_warnings(spec: JobSpec) -> list[str]:
+    """Local paths that will not mean the same thing on a remote cluster."""
+    warnings = []
+    if "://" not in spec.output.path:
+        warnings.append(f"output.path {spec.output.path!r} is local: the images would stay in "
+                        "the job's temporary working directory on the cluster; use s3://")
+    path = Path(spec.input.path)
+    first = path.parts[0] if path.parts else ""
+    # A relative input under the project root travels with the working_dir upload.
+    shipped = (not path.is_absolute() and Path.cwd().resolve() == PROJECT_ROOT
+               and path.exists() and first not in SUBMIT_EXCLUDES)
+    if "://" not in spec.input.path and not shipped:
+        warnings.append(f"input.path {spec.input.path!r} is local and outside what is shipped "
+                        "with the job (relative paths under the project root); use s3://")
+    return warnings
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = _read_spec(args)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise CliError("submit: --address http://HEAD:8265 (or RAY_ADDRESS) is required", 2)
+    for warning in submit_warnings(spec):
+        print(f"warning: {warning}", file=sys.stderr)
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(**submission_request(spec, overwrite=args.overwrite))
+    except (ConnectionError, RuntimeError) as error:
+        # Ray raises RuntimeError both for an unreachable head and for a missing
+        # ray[default] install; either way the message says what to do.
+        raise CliError(f"submit to {address} failed: {error}") from None
+    print(job_id)
+    print(f"follow its logs:  ray job logs --address {address} --follow {job_id}",
+          file=sys.stderr)
+    print(f"its status:       ray job status --address {address} {job_id}", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = _read_spec(args)
+    from jobs.plan import make_plan  # reads the input's schema and lists committed shards
+
+    print(make_plan(spec).describe())
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from jobs.report import show
+
+    print(show(args.output, sheet=args.sheet))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(spec_schema(), indent=2))
+    return 0
+
+
+def _add_spec_args(parser: argparse.ArgumentParser, *, inline: bool = False) -> None:
+    if inline:
+        source = parser.add_mutually_exclusive_group(required=True)
+        source.add_argument("job", nargs="?", metavar="JOB.yaml", help="job spec (YAML or JSON)")
+        source.add_argument("--spec-json", help=argparse.SUPPRESS)
+    else:
+        parser.add_argument("job", metavar="JOB.yaml", help="job spec (YAML or JSON)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a spec field, e.g. --set sampling.steps=20 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm-jobs", description="Bulk latent-diffusion image generation on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run or resume a job (local Ray unless --address)")
+    _add_spec_args(run, inline=True)
+    run.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="discard a previous run's output instead of resuming it")
+    run.add_argument("--quiet", action="store_true", help="no progress line or summary")
+
+    submit = sub.add_parser("submit", help="submit a job to a remote cluster (Ray Jobs API)")
+    _add_spec_args(submit)
+    submit.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265")
+    submit.add_argument("--overwrite", action="store_true")
+
+    validate = sub.add_parser("validate", help="check spec and input, print the plan")
+    _add_spec_args(validate)
+
+    show = sub.add_parser("show", help="summarise an output; optionally a contact sheet")
+    show.add_argument("output", metavar="OUTPUT", help="output folder or s3:// prefix")
+    show.add_argument("--sheet", metavar="FILE.png", help="write a contact sheet here")
+
+    sub.add_parser("schema", help="print the job spec's JSON schema")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "submit": cmd_submit,
+    "validate": cmd_validate,
+    "show": cmd_show,
+    "schema": cmd_schema,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.code
+    except KeyboardInterrupt:
+        print("interrupted; committed shards are kept, re-run to resume", file=sys.stderr)
+        return 130
+    except Exception as error:
+        code = exit_code_for(error)
+        if code is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

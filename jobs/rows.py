@@ -1,0 +1,211 @@
+"""Row checks: input rows -> image tasks (id, seed, settings) or rejections with a reason.
+
+A bad row never crashes its shard and is never dropped silently: it becomes a
+`Rejection` that ends up in `errors.parquet`. Rules, so users can predict them:
+- the prompt must be a non-empty string of at most MAX_PROMPT_CHARS characters
+  (longer prompts are truncated by the tokenizer anyway; a megabyte "prompt" is a bug);
+- ids are the id column as text (null or empty ids are rejected), else the row's global
+  index zero-padded to 8 digits; a repeated id rejects every later row that has it;
+- per-row override columns replace the sampling field of the same name; a null keeps
+  the spec's value; a bad value rejects the row naming the column;
+- images_per_prompt k gives ids `id`, `id-1`, ... `id-(k-1)`; seeds: an explicit seed s
+  gives s, s+1, ...; otherwise each image's seed is derived from sampling.seed and its
+  own id (`derive_seed`), so a rerun reproduces it whatever the shard layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from .spec import MAX_SEED, MAX_STEPS, SAMPLERS, JobSpec, check_guidance, check_size, check_strength
+
+OVERRIDE_COLUMNS = ("negative_prompt", "seed", "steps", "guidance_scale", "sampler", "width",
+                    "height", "strength", "init_image")
+MAX_PROMPT_CHARS = 10_000
+
+
+def derive_seed(base_seed: int, image_id: str) -> int:
+    """A reproducible seed in [0, 2**63) from the spec's seed and an image id."""
+    digest = hashlib.sha256(f"{base_seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & MAX_SEED
+
+
+@dataclass
+class ImageTask:
+    row: int  # position of the input row in the shard's table
+    id: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    sampler: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    strength: float | None  # None for txt2img
+    init_image: Any = None  # PIL image for img2img
+
+    def batch_key(self) -> tuple:
+        """Tasks with equal keys can share one `generate` call."""
+        return (self.width, self.height, self.sampler, self.steps, self.strength,
+                self.init_image is not None)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    row: int  # position of the input row in the shard's table
+    id: str | None
+    reason: str
+
+
+def _integer(value: Any) -> int:
+    # bool is an int subclass; a True "seed" is a data error, not 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"must be an integer, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"must be an integer, got {value!r}")
+    return int(value)
+
+
+def _in_range(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        number = _integer(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}, got {number}")
+        return number
+    return check
+
+
+def _real(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _sampler(value: Any) -> str:
+    if value not in SAMPLERS:
+        raise ValueError(f"unknown sampler {value!r} (choose from {', '.join(SAMPLERS)})")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be text, got {type(value).__name__}")
+    return value
+
+
+# Per-row override column -> check returning the normalized value (init_image is separate).
+OVERRIDE_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "negative_prompt": _text,
+    "seed": _in_range(0, MAX_SEED),
+    "steps": _in_range(1, MAX_STEPS),
+    "guidance_scale": lambda v: check_guidance(_real(v)),
+    "sampler": _sampler,
+    "width": lambda v: check_size(_integer(v)),
+    "height": lambda v: check_size(_integer(v)),
+    "strength": lambda v: check_strength(_real(v)),
+}
+
+
+def row_id(value: Any, global_row: int, has_id_column: bool) -> str:
+    """The row's id as text; raises ValueError for a null or empty id."""
+    if not has_id_column:
+        return f"{global_row:08d}"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError("null id")
+    text = str(value)
+    if not text:
+        raise ValueError("empty id")
+    return text
+
+
+def _check_prompt(value: Any) -> str:
+    if value is None:
+        raise ValueError("prompt: null")
+    if not isinstance(value, str):
+        raise ValueError(f"prompt: not text ({type(value).__name__})")
+    if not value.strip():
+        raise ValueError("prompt: empty")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt: {len(value)} characters, more than {MAX_PROMPT_CHARS}")
+    return value
+
+
+def check_rows(
+    table: pa.Table,
+    spec: JobSpec,
+    global_rows: list[int],
+    id_column: str | None,
+    duplicates: dict[int, int],
+    load_image: Callable[[Any, int], Any],
+) -> tuple[list[ImageTask], list[Rejection]]:
+    """Turn a shard's input rows into image tasks, in row order, and rejections.
+
+    `global_rows[i]` is row i's index in the whole input; `duplicates` maps a global
+    row to the first row with the same id; `load_image(value, i)` decodes an init_image
+    cell of row i (raising on failure).
+    """
+    sampling = spec.sampling
+    records = table.to_pylist()
+    tasks: list[ImageTask] = []
+    rejected: list[Rejection] = []
+    seen_ids: set[str] = set()
+    for position, record in enumerate(records):
+        global_row = global_rows[position]
+        image_id = None
+        try:
+            image_id = row_id(record.get(id_column) if id_column else None, global_row,
+                              bool(id_column))
+            if global_row in duplicates:
+                raise ValueError(f"duplicate id {image_id!r} (first at input row "
+                                 f"{duplicates[global_row]})")
+            prompt = _check_prompt(record.get(spec.input.prompt_column))
+            settings = sampling.model_dump()
+            for column, check in OVERRIDE_CHECKS.items():
+                if record.get(column) is not None:
+                    try:
+                        settings[column] = check(record[column])
+                    except ValueError as error:
+                        raise ValueError(f"{column}: {error}") from None
+            init_image = None
+            if record.get("init_image") is not None:
+                try:
+                    init_image = load_image(record["init_image"], position)
+                except Exception as error:  # any decode/read failure rejects this row only
+                    raise ValueError(f"init_image: {error}") from None
+                if int(settings["steps"] * settings["strength"]) < 1:
+                    raise ValueError(f"strength: {settings['strength']} x steps "
+                                     f"{settings['steps']} leaves no denoising step")
+            row_tasks = []
+            for k in range(sampling.images_per_prompt):
+                out_id = image_id if k == 0 else f"{image_id}-{k}"
+                if out_id in seen_ids:
+                    raise ValueError(f"duplicate id {out_id!r} (another row in this shard)")
+                seed = ((settings["seed"] + k) & MAX_SEED if record.get("seed") is not None
+                        else derive_seed(sampling.seed, out_id))
+                row_tasks.append(ImageTask(
+                    position, out_id, prompt, settings["negative_prompt"], seed,
+                    settings["sampler"], settings["steps"], settings["guidance_scale"],
+                    settings["width"], settings["height"],
+                    settings["strength"] if init_image is not None else None, init_image))
+            seen_ids.update(task.id for task in row_tasks)
+            tasks.extend(row_tasks)
+        except ValueError as error:
+            rejected.append(Rejection(position, image_id, str(error)))
+    return tasks, rejected
+
+
+def batches(tasks: list[ImageTask], batch_size: int) -> list[list[ImageTask]]:
+    """Group tasks of equal shape, in first-appearance order, into batches of batch_size."""
+    groups: dict[tuple, list[ImageTask]] = {}
+    for task in tasks:
+        groups.setdefault(task.batch_key(), []).append(task)
+    return [group[i:i + batch_size] for group in groups.values()
+            for i in range(0, len(group), batch_size)]

@@ -1,0 +1,306 @@
+"""The Ray driver: every line of Ray-specific code in the project lives here.
+
+Why Ray core actors rather than Ray Data `map_batches`: the unit of work is a whole
+shard that a worker generates *and commits* itself, so there is no dataset to stream
+between stages, and what matters is control over failure: an actor whose process dies
+is replaced and its shard retried a bounded number of times, a shard that keeps failing
+stops the job with its name and last error, and a model that cannot load stops the job
+at once instead of being restarted forever. A hand-rolled dispatch loop over
+`ray.wait` says all of that in a few lines, where Ray Data would hide it behind
+operator-level retries and backpressure settings.
+
+The flow: plan (which shards are still missing) -> start `compute.actors` actors, each
+loading the pipeline once -> hand one shard to each idle actor, and the next shard as
+soon as one finishes, so no actor waits on the slowest -> `sinks.finalize` writes
+errors, the manifest and `_SUCCESS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayError, RayTaskError
+
+from jobs import sinks
+from jobs.plan import Plan, ShardPlan, make_plan
+from jobs.progress import Progress
+from jobs.spec import JobSpec, SpecError
+from jobs.worker import ShardResult, ShardWorker
+
+# A shard gets this many attempts in all (first try included) before the job fails.
+DEFAULT_MAX_ATTEMPTS = 3
+# How long to wait on Ray before telling the user that nothing has moved yet (an
+# autoscaling cluster may take minutes to bring up a GPU node).
+WAIT_NOTE_SECONDS = 60.0
+
+WorkerFactory = Callable[..., Any]
+
+
+class JobFailed(RuntimeError):
+    """The job cannot finish: a shard failed on every attempt, or actors keep dying."""
+
+
+class ModelLoadError(JobFailed):
+    """The model named by the spec could not be loaded by a worker."""
+
+
+class _ShardActor:
+    """Holds one ShardWorker (and so one loaded pipeline) for the actor's lifetime.
+
+    A failing model load is caught and handed back by `ready()` rather than raised from
+    `__init__`: that way the driver sees one clear error instead of an actor death that
+    looks the same as a killed process and would be retried.
+    """
+
+    def __init__(self, spec: JobSpec, worker_factory: WorkerFactory) -> None:
+        device = "cuda" if spec.compute.gpus_per_actor > 0 else "cpu"
+        self._worker = None
+        self._error: str | None = None
+        try:
+            self._worker = worker_factory(spec, device=device)
+        except Exception as exc:  # any load failure is reported, not retried
+            self._error = f"{type(exc).__name__}: {exc}"
+
+    def ready(self) -> str | None:
+        return self._error
+
+    def run(self, shard: ShardPlan) -> ShardResult:
+        return self._worker.run(shard)
+
+
+@dataclass
+class _Pool:
+    """Actor slots: slot i always holds the current actor for that position."""
+
+    spec: JobSpec
+    actor_options: dict[str, Any]
+    worker_factory: WorkerFactory
+    actors: dict[int, Any] = field(default_factory=dict)
+
+    def start(self, slot: int) -> Any:
+        """(Re)start the actor in `slot`; returns the ref that resolves once it loaded."""
+        old = self.actors.get(slot)
+        if old is not None:
+            with contextlib.suppress(RayError):
+                ray.kill(old, no_restart=True)
+        remote_cls = ray.remote(_ShardActor).options(**self.actor_options)
+        actor = remote_cls.remote(self.spec, self.worker_factory)
+        self.actors[slot] = actor
+        return actor.ready.remote()
+
+    def submit(self, slot: int, shard: ShardPlan) -> Any:
+        return self.actors[slot].run.remote(shard)
+
+    def shutdown(self) -> None:
+        for actor in self.actors.values():
+            with contextlib.suppress(RayError):
+                ray.kill(actor, no_restart=True)
+        self.actors.clear()
+
+
+def _actor_options(spec: JobSpec) -> dict[str, Any]:
+    gpus = spec.compute.gpus_per_actor
+    cpus = 1.0
+    if gpus == 0:
+        # CPU actors on a small machine: share its cores rather than leave actors
+        # pending forever (Ray also sizes torch's thread pool from num_cpus).
+        total_cpus = ray.cluster_resources().get("CPU", 0.0)
+        if total_cpus > 0:
+            cpus = min(1.0, total_cpus / max(spec.compute.actors, 1))
+    # Our own retry loop replaces dead actors and retries shards, so Ray's are off:
+    # two layers of retries would make "retried at most N times" untrue.
+    return {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}
+
+
+def _error_text(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, RayTaskError) and cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+
+
+def _last_line(exc: BaseException) -> str:
+    """The exception line at the end of a remote traceback, without Ray's framing."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+class _Dispatch:
+    """The driver's loop: keep every actor busy, replace lost ones, retry shards (bounded)."""
+
+    def __init__(self, spec: JobSpec, shards: list[ShardPlan], pool: _Pool,
+                 max_attempts: int, progress: Progress) -> None:
+        self.spec = spec
+        self.pool = pool
+        self.max_attempts = max_attempts
+        self.progress = progress
+        self.n_actors = max(1, min(spec.compute.actors, len(shards)))
+        self.queue: deque[ShardPlan] = deque(shards)
+        self.attempts: dict[str, int] = {}
+        self.booting: dict[Any, int] = {}  # ready() ref -> slot
+        self.running: dict[Any, tuple[int, ShardPlan]] = {}  # run() ref -> (slot, shard)
+        self.idle: deque[int] = deque()
+        self.results: list[ShardResult] = []
+        # Actors that die while loading (out of memory, a lost node) are replaced too,
+        # but not forever.
+        self.boot_failures_left = max_attempts * self.n_actors
+
+    def run(self) -> list[ShardResult]:
+        self.progress.note(f"{len(self.queue)} shard(s) to run on {self.n_actors} actor(s); "
+                           f"loading {self.spec.model}...")
+        try:
+            for slot in range(self.n_actors):
+                self.booting[self.pool.start(slot)] = slot
+            while self.queue or self.running:
+                while self.idle and self.queue:
+                    slot, shard = self.idle.popleft(), self.queue.popleft()
+                    self.running[self.pool.submit(slot, shard)] = slot, shard
+                if not self.running and not self.booting:
+                    raise JobFailed("no actor is left to run the remaining shards")
+                done, _ = ray.wait([*self.running, *self.booting], num_returns=1,
+                                   timeout=WAIT_NOTE_SECONDS)
+                if not done:
+                    self._note_waiting()
+                elif done[0] in self.booting:
+                    self._booted(done[0])
+                else:
+                    self._finished(done[0])
+        finally:
+            self.pool.shutdown()
+        return self.results
+
+    def _note_waiting(self) -> None:
+        if self.booting:
+            self.progress.note(
+                f"{len(self.booting)} actor(s) not up yet: loading the model, or waiting for "
+                f"Ray to find {self.spec.compute.gpus_per_actor:g} GPU(s) each")
+
+    def _booted(self, ref: Any) -> None:
+        slot = self.booting.pop(ref)
+        try:
+            load_error = ray.get(ref)
+        except RayError as exc:
+            if getattr(exc, "actor_init_failed", False):
+                # The actor could not even be built (the project's code missing or broken
+                # on the workers): the same on every retry.
+                raise JobFailed(f"workers could not start: {_last_line(exc)}") from None
+            self.boot_failures_left -= 1  # the process died while loading
+            if self.boot_failures_left < 0:
+                raise JobFailed(f"actors keep dying while loading model {self.spec.model!r}: "
+                                f"{_error_text(exc)}") from None
+            self.booting[self.pool.start(slot)] = slot
+            return
+        if load_error is not None:
+            raise ModelLoadError(f"model {self.spec.model!r} could not be loaded: {load_error}")
+        self.idle.append(slot)
+
+    def _finished(self, ref: Any) -> None:
+        slot, shard = self.running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except RayTaskError as exc:  # the worker raised; the actor itself is fine
+            self._retry(shard, _error_text(exc))
+            self.idle.append(slot)
+        except RayError as exc:  # the actor's process is gone (killed, OOM, node lost)
+            self._retry(shard, f"worker lost ({_error_text(exc)})")
+            self.booting[self.pool.start(slot)] = slot
+        else:
+            self.results.append(result)
+            self.progress.update(shard.rows, result.generated, result.rejected)
+            self.idle.append(slot)
+
+    def _retry(self, shard: ShardPlan, error: str) -> None:
+        tries = self.attempts[shard.name] = self.attempts.get(shard.name, 0) + 1
+        if tries >= self.max_attempts:
+            raise JobFailed(f"shard {shard.name} failed {tries} times; last error: {error}")
+        self.progress.note(f"shard {shard.name}: {error}; retrying")
+        self.queue.appendleft(shard)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None) -> Iterator[bool]:
+    """Join `address` (or `RAY_ADDRESS`), else start a local Ray; reuse one already up.
+
+    Yields whether Ray was started here, and shuts down only what it started.
+    """
+    if ray.is_initialized():
+        yield False
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield address is None
+    finally:
+        ray.shutdown()
+
+
+def _check_placeable(spec: JobSpec) -> None:
+    """On a local Ray, asking for GPUs that do not exist would wait forever: fail now."""
+    gpus = spec.compute.gpus_per_actor
+    if gpus > 0 and ray.cluster_resources().get("GPU", 0.0) < gpus:
+        raise JobFailed(
+            f"compute.gpus_per_actor: {gpus} GPU(s) per actor asked, but the local Ray has "
+            f"{ray.cluster_resources().get('GPU', 0.0):g}; set it to 0 or join a GPU cluster "
+            "with --address"
+        )
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    worker_factory: WorkerFactory = ShardWorker,
+) -> dict:
+    """Run (or resume) a job to the end and return its manifest.
+
+    `worker_factory(spec, device=...)` builds the per-actor worker; tests pass a
+    ShardWorker subclass to inject failures.
+    """
+    started = time.monotonic()
+    if overwrite:
+        _check_before_clearing(spec)
+        sinks.clear_output(spec)
+    plan = make_plan(spec)
+    pending = plan.pending()
+    bar = Progress(plan.input_rows, _committed_rows(plan), enabled=progress)
+    if pending:
+        with ray_session(address) as started_here:
+            if started_here:
+                _check_placeable(spec)
+            pool = _Pool(spec, _actor_options(spec), worker_factory)
+            _Dispatch(spec, pending, pool, max_attempts, bar).run()
+    wall_seconds = time.monotonic() - started
+    manifest = sinks.finalize(spec, plan, wall_seconds)
+    bar.close(spec.output.path, wall_seconds)
+    return manifest
+
+
+def _check_before_clearing(spec: JobSpec) -> None:
+    """Plan once before --overwrite deletes anything, so a bad input keeps the old output.
+
+    The one planning error to let through is the output holding another job's shards:
+    that is what --overwrite is for.
+    """
+    try:
+        make_plan(spec)
+    except SpecError as error:
+        if not str(error).startswith("output.path:"):
+            raise
+
+
+def _committed_rows(plan: Plan) -> int:
+    return sum(shard.rows for shard in plan.shards if shard.name in plan.committed)

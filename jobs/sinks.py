@@ -1,0 +1,246 @@
+"""Writers: shard files (format -> sink), per-shard commit, and the job's final files.
+
+Commit order makes the output trustworthy without coordination: the shard file first
+(atomically), then its rejected rows, then its record in `_shards/` (which marks it done
+and drives resume), and at the very end `errors.parquet`, `_manifest.json` and `_SUCCESS`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import string
+import tarfile
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .images import EXTENSIONS
+from .plan import RECORDS_DIR, Plan, ShardPlan, read_records, record_path, shard_path
+from .readers import conform
+from .rows import OVERRIDE_COLUMNS
+from .spec import JobSpec
+from .storage import Storage, open_storage
+
+# The contract's shard columns, in order; the input's other columns follow.
+IMAGE_FIELDS = [
+    pa.field("id", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("negative_prompt", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("sampler", pa.string()),
+    pa.field("steps", pa.int32()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("strength", pa.float64()),
+    pa.field("model", pa.string()),
+    pa.field("image", pa.binary()),
+    pa.field("image_format", pa.string()),
+]
+ERROR_FIELDS = [pa.field("id", pa.string()), pa.field("reason", pa.string()),
+                pa.field("row", pa.int64()), pa.field("shard", pa.string())]
+SUCCESS, MANIFEST, ERRORS = "_SUCCESS", "_manifest.json", "errors.parquet"
+
+
+def _renamed(name: str, reserved: set[str]) -> str:
+    # An input column named like one of ours keeps its data under a prefixed name.
+    while name in reserved:
+        name = f"input_{name}"
+    return name
+
+
+def passthrough_columns(schema: pa.Schema, prompt_column: str,
+                        id_column: str | None) -> list[tuple[str, str]]:
+    """(input name, output name) of the input columns a shard carries through unchanged."""
+    consumed = {prompt_column, id_column, *OVERRIDE_COLUMNS}
+    reserved = {field.name for field in IMAGE_FIELDS}
+    return [(name, _renamed(name, reserved)) for name in schema.names if name not in consumed]
+
+
+def errors_schema(input_schema: pa.Schema) -> pa.Schema:
+    """errors.parquet's schema: id, reason, row, shard, then every input column."""
+    reserved = {field.name for field in ERROR_FIELDS}
+    extra = [pa.field(_renamed(f.name, reserved), f.type) for f in input_schema]
+    return pa.schema(ERROR_FIELDS + extra)
+
+
+def errors_table(input_rows: pa.Table, ids: list[str | None], reasons: list[str],
+                 global_rows: list[int], shard: str, input_schema: pa.Schema) -> pa.Table:
+    """Rejected rows with their reason and the whole input row."""
+    schema = errors_schema(input_schema)
+    head = [pa.array(ids, pa.string()), pa.array(reasons, pa.string()),
+            pa.array(global_rows, pa.int64()), pa.array([shard] * len(ids), pa.string())]
+    rows = conform(input_rows, input_schema)
+    return pa.Table.from_arrays(head + rows.columns, schema=schema)
+
+
+# ---- shard sinks: output table -> file bytes --------------------------------------------
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    # Fixed options and no timestamps: the same table always gives the same bytes.
+    pq.write_table(table, buffer, compression={name: ("NONE" if name == "image" else "ZSTD")
+                                               for name in table.column_names},
+                   row_group_size=64, use_dictionary=["sampler", "model", "image_format"],
+                   write_statistics=True, store_schema=True)
+    return buffer.getvalue()
+
+
+_SAFE = set(string.ascii_letters + string.digits + "-_")
+MAX_KEY = 80  # keeps `<key>.<ext>` inside a plain ustar name (100 bytes)
+
+
+def safe_key(image_id: str) -> str:
+    """An id as a tar member stem: no '/', '.', NUL or other surprises; injective.
+
+    Bytes outside [A-Za-z0-9_-] are %XX-encoded ('.' too: webdataset splits the key at
+    the first dot); a long key keeps a prefix plus '~' and a hash ('~' never appears in
+    an encoded key, so shortened keys cannot collide with plain ones).
+    """
+    encoded = "".join(chr(b) if chr(b) in _SAFE else f"%{b:02X}" for b in image_id.encode())
+    if len(encoded) > MAX_KEY:
+        encoded = encoded[:60] + "~" + hashlib.sha256(image_id.encode()).hexdigest()[:19]
+    return encoded
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
+
+
+def _tar_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for row in table.to_pylist():
+            key = safe_key(row["id"])
+            image = row.pop("image")
+            members = [(f"{key}.{EXTENSIONS[row['image_format']]}", image),
+                       (f"{key}.json", json.dumps(row, sort_keys=True, ensure_ascii=False,
+                                                   default=_json_value).encode())]
+            for name, data in members:
+                info = tarfile.TarInfo(name)  # fixed owner, mode and mtime 0: same bytes
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+SINKS: dict[str, Callable[[pa.Table], bytes]] = {
+    "parquet": _parquet_bytes,
+    "webdataset": _tar_bytes,
+}
+
+
+def commit_shard(storage: Storage, spec: JobSpec, shard: ShardPlan, data: bytes,
+                 errors: pa.Table | None, record: dict[str, Any]) -> None:
+    """Write the shard, then its rejected rows, then its record: the record means done."""
+    storage.write_atomic(shard_path(storage, spec, shard.name), data)
+    if errors is not None and errors.num_rows:
+        buffer = io.BytesIO()
+        pq.write_table(errors, buffer, compression="ZSTD")
+        storage.write_atomic(record_path(storage, spec, shard.name, ".errors.parquet"),
+                             buffer.getvalue())
+        record = {**record, "errors": f"{shard.name}.errors.parquet"}
+    storage.write_atomic(record_path(storage, spec, shard.name),
+                         json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+# ---- the end of a job ----------------------------------------------------------------------
+
+def _timings(spec: JobSpec, records: list[dict], wall_seconds: float) -> dict[str, Any]:
+    busy: dict[str, float] = {}
+    for record in records:
+        busy[record.get("worker", "?")] = busy.get(record.get("worker", "?"), 0.0) + float(
+            record.get("busy_seconds", 0.0))
+    # On CPU each actor counts as one accelerator; fractional GPUs count by their share.
+    share = spec.compute.gpus_per_actor or 1.0
+    accelerator_hours = sum(busy.values()) * share / 3600.0
+    generated = sum(record["rows"] for record in records)
+    return {
+        "wall_seconds": round(wall_seconds, 3),
+        "busy_seconds": {worker: round(seconds, 3) for worker, seconds in sorted(busy.items())},
+        "busy_seconds_total": round(sum(busy.values()), 3),
+        "accelerator": "gpu" if spec.compute.gpus_per_actor else "cpu",
+        "images_per_gpu_hour": round(generated / accelerator_hours, 1) if accelerator_hours else None,
+    }
+
+
+def _model(spec: JobSpec, records: list[dict]) -> dict[str, Any]:
+    tags = sorted({record["model"] for record in records if record.get("model")})
+    name, _, content_hash = (tags[0].partition("@") if tags else (spec.model, "", ""))
+    model = {"source": spec.model, "name": name, "hash": content_hash or None}
+    if len(tags) > 1:  # resumed with other weights: say so rather than pick one silently
+        model["all"] = tags
+    return model
+
+
+def finalize(spec: JobSpec, plan: Plan, wall_seconds: float) -> dict[str, Any]:
+    """Write errors.parquet and _manifest.json, then _SUCCESS if every row is accounted for.
+
+    Returns the manifest; `manifest["complete"]` tells whether _SUCCESS was written.
+    """
+    storage = open_storage(spec.output.path, spec.storage)
+    storage.delete(storage.join(spec.output.path, SUCCESS))  # never vouch for a stale state
+    by_name = read_records(storage, spec)
+    records = [by_name[shard.name] for shard in plan.shards if shard.name in by_name]
+    missing = [shard.name for shard in plan.shards if shard.name not in by_name]
+
+    input_schema = plan.schema if plan.schema is not None else pa.schema([])
+    tables = [errors_schema(input_schema).empty_table()]
+    for record in records:
+        if record.get("errors"):
+            data = storage.read_bytes(storage.join(spec.output.path, RECORDS_DIR,
+                                                   record["errors"]))
+            tables.append(pq.read_table(io.BytesIO(data)).cast(errors_schema(input_schema)))
+    errors = pa.concat_tables(tables)
+    buffer = io.BytesIO()
+    pq.write_table(errors, buffer, compression="ZSTD")
+    storage.write_atomic(storage.join(spec.output.path, ERRORS), buffer.getvalue())
+
+    accepted = sum(record["accepted_rows"] for record in records)
+    rejected = sum(record["rejected"] for record in records)
+    complete = not missing and accepted + rejected == plan.input_rows
+    manifest = {
+        "name": spec.name,
+        "spec": spec.public_dict(),
+        "model": _model(spec, records),
+        "counts": {"input_rows": plan.input_rows, "generated": sum(r["rows"] for r in records),
+                   "rejected": rejected, "accepted_rows": accepted},
+        "timings": _timings(spec, records, wall_seconds),
+        "shards": [{"name": r["name"], "file": r["file"], "rows": r["rows"],
+                    "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
+        "missing_shards": missing,
+        "complete": complete,
+    }
+    storage.write_atomic(storage.join(spec.output.path, MANIFEST),
+                         json.dumps(manifest, indent=2).encode())
+    if complete:
+        storage.write_atomic(storage.join(spec.output.path, SUCCESS), b"")
+    return manifest
+
+
+def clear_output(spec: JobSpec) -> int:
+    """Remove what a previous run wrote to the output (for --overwrite); returns files removed.
+
+    Only this system's names go: `_SUCCESS` first (so no reader trusts a half-cleared
+    output), then shards, records, errors and manifest. Other files are left alone.
+    """
+    storage = open_storage(spec.output.path, spec.storage)
+    root = spec.output.path.rstrip("/")
+    ours = []
+    for path in storage.list(spec.output.path):
+        relative = path.replace("\\", "/")[len(root.replace("\\", "/")):].lstrip("/")
+        base = relative.rsplit("/", 1)[-1]
+        if (relative.startswith(f"{RECORDS_DIR}/") or relative in (ERRORS, MANIFEST)
+                or ("/" not in relative and base.startswith(("part-", ".tmp-part-"))
+                    and base.endswith((".parquet", ".tar")) or base.startswith(".tmp-part-"))):
+            ours.append(path)
+    storage.delete(storage.join(spec.output.path, SUCCESS))
+    for path in ours:
+        storage.delete(path)
+    return len(ours)

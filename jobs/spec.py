@@ -1,0 +1,196 @@
+"""The job spec: one pydantic model, validated once, with errors that name the field.
+
+A spec is read from YAML or JSON (JSON is YAML), `--set a.b=v` overrides are applied
+to the raw mapping before validation (values typed as YAML scalars), and every
+problem surfaces as a `SpecError` whose message starts with the dotted field path.
+Relative paths are taken relative to the current directory, as a shell user expects.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+# The sampler names of CONTRACT.md; the model package maps each to its scheduler.
+SAMPLERS = ("ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras")
+MAX_SEED = 2**63 - 1  # seeds are stored as int64 and fed to torch's manual_seed
+MIN_SIZE, MAX_SIZE = 8, 4096
+MAX_STEPS = 1000
+
+Sampler = Literal["ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras"]
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message starts with the field path at fault."""
+
+
+def check_size(value: int) -> int:
+    """Width/height rule shared by the spec and per-row overrides."""
+    if not MIN_SIZE <= value <= MAX_SIZE or value % 8:
+        raise ValueError(f"must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE}, got {value}")
+    return value
+
+
+def check_guidance(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+def check_strength(value: float) -> float:
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"must be in (0, 1], got {value}")
+    return value
+
+
+Size = Annotated[int, AfterValidator(check_size)]
+Guidance = Annotated[float, AfterValidator(check_guidance)]
+Strength = Annotated[float, AfterValidator(check_strength)]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must never silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputSpec(_Strict):
+    path: str = Field(min_length=1, description="Parquet file, folder, glob or s3:// prefix "
+                      "(CSV, JSON Lines, .txt one prompt per line for small local batches)")
+    prompt_column: str = Field("prompt", min_length=1)
+    id_column: str | None = Field(
+        None, description="column holding row ids; unset: the column 'id' if the input has "
+        "one, else the row's global index zero-padded to 8 digits")
+
+
+class OutputSpec(_Strict):
+    path: str = Field(min_length=1, description="local folder or s3:// prefix")
+    format: Literal["parquet", "webdataset"] = "parquet"
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    rows_per_shard: int = Field(256, ge=1, description="images per output shard")
+    quality: int = Field(95, ge=1, le=100, description="jpeg/webp quality")
+
+
+class SamplingSpec(_Strict):
+    sampler: Sampler = "dpmpp_2m"
+    steps: int = Field(25, ge=1, le=MAX_STEPS)
+    guidance_scale: Guidance = 7.5
+    width: Size = 512
+    height: Size = 512
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    images_per_prompt: int = Field(1, ge=1, le=10_000)
+    negative_prompt: str = ""
+    strength: Strength = 0.75
+
+
+class ComputeSpec(_Strict):
+    actors: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    gpus_per_actor: float = Field(0, ge=0, description="fractions share one GPU between actors")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    compile: bool = False
+
+
+class StorageSpec(_Strict):
+    """Where S3-compatible stores live; credentials come from the AWS environment only."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class JobSpec(_Strict):
+    name: str = Field("job", min_length=1)
+    model: str = Field("builtin:shapes", min_length=1)
+    input: InputSpec
+    output: OutputSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved spec for the manifest, with credentials inside URLs redacted."""
+        return _redact(self.model_dump(mode="json"))
+
+
+_URL_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+
+
+def redact_url(text: str) -> str:
+    """`https://user:secret@host/x` -> `https://***@host/x`; anything else unchanged."""
+    return _URL_USERINFO.sub(r"\1***@", text)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return redact_url(value) if isinstance(value, str) else value
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(spec)"
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    """Validate a raw mapping into a JobSpec; every failure is one SpecError."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a job spec must be a mapping, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(_format_errors(error)) from None
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b=v` to a raw mapping; v is typed as a YAML scalar (`20` -> int)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {override!r}: expected FIELD=VALUE, e.g. sampling.steps=20")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise SpecError(f"{key}: cannot parse value {raw!r}: {error}") from None
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"{'.'.join(parts[:depth + 1])}: is not a section, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_spec(path: str, overrides: Sequence[str] = ()) -> JobSpec:
+    """Read a YAML or JSON job spec, apply `--set` overrides, validate."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read job spec: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML/JSON: {error}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a job spec must be a mapping, got {type(data).__name__}")
+    for override in overrides:
+        apply_override(data, override)
+    return parse_spec(data, source=path)
+
+
+def spec_schema() -> dict[str, Any]:
+    """JSON schema of the job spec (what `ldm-jobs schema` prints)."""
+    return JobSpec.model_json_schema()

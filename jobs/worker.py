@@ -1,0 +1,212 @@
+"""One shard, start to finish: read rows -> check -> batch -> generate -> encode -> commit.
+
+A ShardWorker loads the pipeline once and serves many shards (a Ray actor holds one).
+Encoding runs in a thread beside generation so the accelerator does not wait for zlib.
+Same input + spec -> same bytes under the same name, so retries and resumes are safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+from .images import encode, parameters_text
+from .plan import ShardPlan, shard_path
+from .readers import conform, read_slice, unify
+from .rows import ImageTask, Rejection, batches, check_rows
+from .sinks import IMAGE_FIELDS, SINKS, commit_shard, errors_table, passthrough_columns
+from .spec import JobSpec
+from .storage import open_storage
+
+
+@dataclass
+class ShardResult:
+    name: str
+    generated: int  # images written
+    rejected: int  # input rows rejected
+    bytes: int
+    sha256: str
+    busy_seconds: float
+    worker: str = ""
+
+
+def model_tag(pipeline: Any) -> str:
+    """`name@sha256:...` for the `model` column and the manifest."""
+    content_hash = str(getattr(pipeline, "content_hash", "") or "")
+    if content_hash and ":" not in content_hash:
+        content_hash = f"sha256:{content_hash}"
+    name = str(getattr(pipeline, "name", "model"))
+    return f"{name}@{content_hash}" if content_hash else name
+
+
+class ShardWorker:
+    def __init__(self, spec: JobSpec, device: str = "cpu", pipeline: Any = None,
+                 worker_id: str | None = None):
+        if pipeline is None:
+            from model import load_pipeline
+
+            pipeline = load_pipeline(spec.model, device=device, dtype=spec.compute.dtype)
+        self.spec = spec
+        self.pipeline = pipeline
+        self.model = model_tag(pipeline)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device}"
+        self.input_storage = open_storage(spec.input.path, spec.storage)
+        self.output_storage = open_storage(spec.output.path, spec.storage)
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+
+    # ---- reading -------------------------------------------------------------------------
+    def _read(self, shard: ShardPlan) -> tuple[pa.Table, list[int], list[str]]:
+        """The shard's input rows, their global indices and the file each came from."""
+        prompt_column = self.spec.input.prompt_column
+        parts = [read_slice(self.input_storage, s.path, s.first, s.count, prompt_column)
+                 for s in shard.slices]
+        schema = shard.schema or unify([part.schema for part in parts], self.spec.input.path)
+        table = pa.concat_tables([conform(part, schema) for part in parts]) if parts \
+            else schema.empty_table()
+        global_rows = [s.offset + i for s in shard.slices for i in range(s.count)]
+        sources = [s.path for s in shard.slices for _ in range(s.count)]
+        return table, global_rows, sources
+
+    def _init_image_loader(self, sources: list[str]):
+        spec = self.spec
+
+        def load(value: Any, position: int) -> Image.Image:
+            if isinstance(value, str):
+                if "://" not in value and not os.path.isabs(value):
+                    # Relative paths are relative to the input file that names them.
+                    source = sources[position]
+                    folder = source.rsplit("/", 1)[0] if "/" in source else "."
+                    value = f"{folder}/{value}"
+                data = open_storage(value, spec.storage).read_bytes(value)
+            elif isinstance(value, (bytes, bytearray)):
+                data = bytes(value)
+            else:
+                raise ValueError(f"expected image bytes or a path, got {type(value).__name__}")
+            with Image.open(io.BytesIO(data)) as image:
+                return image.convert("RGB")
+
+        return load
+
+    # ---- generating ------------------------------------------------------------------------
+    def _generate(self, batch: list[ImageTask]) -> list[Image.Image]:
+        first = batch[0]
+        options: dict[str, Any] = {}
+        if first.init_image is not None:
+            options = {"init_images": [t.init_image.resize((t.width, t.height), Image.LANCZOS)
+                                       if t.init_image.size != (t.width, t.height)
+                                       else t.init_image for t in batch],
+                       "strength": first.strength}
+        return self.pipeline.generate(
+            [t.prompt for t in batch], seeds=[t.seed for t in batch],
+            negative_prompts=[t.negative_prompt for t in batch], steps=first.steps,
+            guidance_scale=[t.guidance_scale for t in batch], sampler=first.sampler,
+            width=first.width, height=first.height, **options)
+
+    def _encode(self, task: ImageTask, image: Image.Image) -> bytes:
+        name, _, content_hash = self.model.partition("@")
+        text = parameters_text(task, name, content_hash)
+        return encode(image, self.spec.output.image_format, text, self.spec.output.quality)
+
+    def _generate_all(self, tasks: list[ImageTask]) -> tuple[dict[int, Future], dict[int, str]]:
+        """Encoded-image futures by task index, and generation failures by shard row.
+
+        A batch that the pipeline refuses (ValueError) is retried one image at a time, so
+        one bad row is rejected with the pipeline's message and its batch-mates survive.
+        """
+        index_of = {id(task): i for i, task in enumerate(tasks)}
+        encoded: dict[int, Future] = {}
+        failed: dict[int, str] = {}
+        for batch in batches(tasks, self.spec.compute.batch_size):
+            try:
+                results = [(batch, self._generate(batch))]
+            except ValueError:
+                results = []
+                for task in batch:
+                    try:
+                        results.append(([task], self._generate([task])))
+                    except ValueError as error:
+                        failed.setdefault(task.row, f"generation: {error}")
+            for done, images in results:
+                for task, image in zip(done, images):
+                    encoded[index_of[id(task)]] = self._encoder.submit(self._encode, task, image)
+        return encoded, failed
+
+    # ---- one shard ---------------------------------------------------------------------------
+    def run(self, shard: ShardPlan) -> ShardResult:
+        started = time.perf_counter()
+        spec = self.spec
+        table, global_rows, sources = self._read(shard)
+        load = self._init_image_loader(sources)
+        duplicates = dict(shard.duplicates)
+        tasks, rejected = check_rows(table, spec, global_rows, shard.id_column, duplicates, load)
+        encoded, failed = self._generate_all(tasks)
+        ids_by_row: dict[int, str] = {}
+        for task in tasks:
+            ids_by_row.setdefault(task.row, task.id)  # a row's first image carries its own id
+        rejected += [Rejection(row, ids_by_row.get(row), reason) for row, reason in failed.items()]
+        rejected.sort(key=lambda r: r.row)
+
+        kept = [(i, task) for i, task in enumerate(tasks) if task.row not in failed]
+        images = [encoded[i].result() for i, _ in kept]
+        output = self._output_table(table, [task for _, task in kept], images, shard)
+        data = SINKS[spec.output.format](output)
+        errors = None
+        if rejected:
+            rows = table.take([r.row for r in rejected])
+            errors = errors_table(rows, [r.id for r in rejected], [r.reason for r in rejected],
+                                  [global_rows[r.row] for r in rejected], shard.name,
+                                  shard.schema or table.schema)
+        busy = time.perf_counter() - started
+        digest = hashlib.sha256(data).hexdigest()
+        accepted_rows = shard.rows - len(rejected)
+        record = {
+            "name": shard.name, "fingerprint": shard.fingerprint,
+            "file": shard_path(self.output_storage, spec, shard.name).replace("\\", "/")
+            .rsplit("/", 1)[-1],
+            "rows": output.num_rows, "input_rows": shard.rows, "accepted_rows": accepted_rows,
+            "rejected": len(rejected), "bytes": len(data), "sha256": digest,
+            "busy_seconds": busy, "worker": self.worker_id, "model": self.model, "errors": None,
+        }
+        commit_shard(self.output_storage, spec, shard, data, errors, record)
+        return ShardResult(shard.name, output.num_rows, len(rejected), len(data), digest,
+                           time.perf_counter() - started, self.worker_id)
+
+    def _output_table(self, table: pa.Table, tasks: list[ImageTask], images: list[bytes],
+                      shard: ShardPlan) -> pa.Table:
+        columns = {
+            "id": [t.id for t in tasks],
+            "prompt": [t.prompt for t in tasks],
+            "negative_prompt": [t.negative_prompt for t in tasks],
+            "seed": [t.seed for t in tasks],
+            "sampler": [t.sampler for t in tasks],
+            "steps": [t.steps for t in tasks],
+            "guidance_scale": [float(t.guidance_scale) for t in tasks],
+            "width": [t.width for t in tasks],
+            "height": [t.height for t in tasks],
+            "strength": [t.strength for t in tasks],
+            "model": [self.model] * len(tasks),
+            "image": images,
+            "image_format": [self.spec.output.image_format] * len(tasks),
+        }
+        fields = list(IMAGE_FIELDS)
+        arrays = [pa.array(columns[f.name], f.type) for f in fields]
+        source_rows = pa.array([t.row for t in tasks], pa.int64())
+        for in_name, out_name in passthrough_columns(table.schema, self.spec.input.prompt_column,
+                                                     shard.id_column):
+            column = table.column(in_name).take(source_rows)
+            fields.append(pa.field(out_name, column.type))
+            arrays.append(column.combine_chunks())
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+    def close(self) -> None:
+        self._encoder.shutdown(wait=True)
+

@@ -1,0 +1,1 @@
+"""Built-in models shipped with the package (diffusers-layout folders)."""

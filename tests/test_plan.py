@@ -1,0 +1,129 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.plan import RowSlice, make_plan
+from jobs.readers import InputError, list_input_files, read_slice
+from jobs.spec import SpecError, parse_spec
+from jobs.storage import open_storage
+
+
+def make_spec(input_path, output_path, **sections):
+    data = {"input": {"path": str(input_path)}, "output": {"path": str(output_path)}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.update(
+            {key: value})
+    return parse_spec(data)
+
+
+def write_parquet(path, prompts, row_group_size=None, **columns):
+    pq.write_table(pa.table({"prompt": prompts, **columns}), path, row_group_size=row_group_size)
+
+
+def test_folder_glob_and_formats_in_stable_order(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_parquet(folder / "b.parquet", ["b0", "b1"])
+    write_parquet(folder / "a.parquet", ["a0"])
+    (folder / "c.csv").write_text("prompt,tag\nc0,1\n\"c1, with comma\",2\n")
+    (folder / "d.jsonl").write_text('{"prompt": "d0"}\n{"prompt": "d1"}\n')
+    (folder / "e.txt").write_text("e0\n\ne1\n")
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".tmp-x.parquet").write_text("junk")
+    storage = open_storage(str(folder))
+    files = list_input_files(str(folder), storage)
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["a.parquet", "b.parquet", "c.csv",
+                                                     "d.jsonl", "e.txt"]
+    plan = make_plan(make_spec(folder, tmp_path / "out"))
+    assert plan.input_rows == 9
+    prompts = []
+    for shard in plan.shards:
+        for piece in shard.slices:
+            prompts += read_slice(storage, piece.path, piece.first, piece.count,
+                                  "prompt").column("prompt").to_pylist()
+    assert prompts == ["a0", "b0", "b1", "c0", "c1, with comma", "d0", "d1", "e0", "e1"]
+    globbed = list_input_files(str(folder / "*.parquet"), storage)
+    assert [f.rsplit("/", 1)[-1] for f in globbed] == ["a.parquet", "b.parquet"]
+    with pytest.raises(InputError, match="matches no input files"):
+        list_input_files(str(folder / "*.avro"), storage)
+
+
+def test_shards_slices_and_names(tmp_path):
+    write_parquet(tmp_path / "a.parquet", [f"a{i}" for i in range(5)], row_group_size=2)
+    write_parquet(tmp_path / "b.parquet", [f"b{i}" for i in range(4)], row_group_size=3)
+    spec = make_spec(tmp_path / "*.parquet", tmp_path / "out", output={"rows_per_shard": 4})
+    plan = make_plan(spec)
+    assert [s.name for s in plan.shards] == ["part-00000", "part-00001", "part-00002"]
+    assert [s.rows for s in plan.shards] == [4, 4, 1]
+    a, b = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")
+    assert plan.shards[1].slices == (RowSlice(a, 4, 1, 4), RowSlice(b, 0, 3, 5))
+    storage = open_storage(a)
+    # A slice that starts inside one row group and ends in another reads exactly its rows.
+    assert read_slice(storage, a, 1, 3, "prompt").column("prompt").to_pylist() == [
+        "a1", "a2", "a3"]
+    assert [s.name for s in plan.pending()] == [s.name for s in plan.shards]
+    assert "9 rows" in plan.describe() and "3 pending" in plan.describe()
+    # images_per_prompt counts against rows_per_shard: shards hold about 4 images.
+    doubled = make_plan(make_spec(tmp_path / "*.parquet", tmp_path / "out",
+                                  output={"rows_per_shard": 4},
+                                  sampling={"images_per_prompt": 2}))
+    assert [s.rows for s in doubled.shards] == [2, 2, 2, 2, 1]
+
+
+def test_missing_prompt_column_names_file_and_column(tmp_path):
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "in.parquet")
+    with pytest.raises(InputError, match=r"in.parquet: no prompt column 'prompt'.*text"):
+        make_plan(make_spec(tmp_path / "in.parquet", tmp_path / "out"))
+    spec = make_spec(tmp_path / "in.parquet", tmp_path / "out", input={"prompt_column": "text"})
+    assert make_plan(spec).input_rows == 1
+    spec = make_spec(tmp_path / "in.parquet", tmp_path / "out",
+                     input={"prompt_column": "text", "id_column": "key"})
+    with pytest.raises(InputError, match="no id column 'key'"):
+        make_plan(spec)
+    pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(InputError, match="holds int64, not text"):
+        make_plan(make_spec(tmp_path / "ints.parquet", tmp_path / "out"))
+    with pytest.raises(InputError, match="input not found"):
+        make_plan(make_spec(tmp_path / "none.parquet", tmp_path / "out"))
+
+
+def test_duplicate_ids_found_at_planning(tmp_path):
+    write_parquet(tmp_path / "a.parquet", ["p"] * 5, id=["x", "y", "x", None, "y"])
+    write_parquet(tmp_path / "b.parquet", ["p"] * 2, id=["z", "x"])
+    plan = make_plan(make_spec(tmp_path, tmp_path / "out", output={"rows_per_shard": 3}))
+    assert plan.id_column == "id"
+    found = dict(pair for shard in plan.shards for pair in shard.duplicates)
+    assert found == {2: 0, 4: 1, 6: 0}
+
+
+def test_resume_detects_committed_shards_and_conflicts(tmp_path):
+    write_parquet(tmp_path / "in.parquet", [f"p{i}" for i in range(5)])
+    spec = make_spec(tmp_path / "in.parquet", tmp_path / "out", output={"rows_per_shard": 2})
+    plan = make_plan(spec)
+    assert plan.committed == set()
+    records = tmp_path / "out" / "_shards"
+    records.mkdir(parents=True)
+    (records / "part-00001.json").write_text(json.dumps(
+        {"name": "part-00001", "fingerprint": plan.shards[1].fingerprint}))
+    again = make_plan(spec)
+    assert again.committed == {"part-00001"}
+    assert [s.name for s in again.pending()] == ["part-00000", "part-00002"]
+    # Same output, different sampling: refuse rather than mix two jobs' shards.
+    changed = make_spec(tmp_path / "in.parquet", tmp_path / "out",
+                        output={"rows_per_shard": 2}, sampling={"steps": 3})
+    with pytest.raises(SpecError, match="output.path: .*part-00001 of a different job"):
+        make_plan(changed)
+
+
+def test_plan_reads_s3_input(s3_server, tmp_path):
+    bucket = s3_server.make_bucket()
+    storage = open_storage(f"s3://{bucket}")
+    for name, prompts in [("b.parquet", ["b0"]), ("a.parquet", ["a0", "a1"])]:
+        write_parquet(tmp_path / name, prompts)
+        storage.write_atomic(f"s3://{bucket}/in/{name}", (tmp_path / name).read_bytes())
+    plan = make_plan(make_spec(f"s3://{bucket}/in", f"s3://{bucket}/out"))
+    assert plan.input_rows == 3
+    assert [s.path for s in plan.shards[0].slices] == [f"s3://{bucket}/in/a.parquet",
+                                                       f"s3://{bucket}/in/b.parquet"]

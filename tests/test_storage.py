@@ -1,0 +1,95 @@
+import io
+import os
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.spec import StorageSpec
+from jobs.storage import LocalStorage, S3Storage, StorageError, open_storage, resolve_endpoint
+
+
+def test_local_round_trip(tmp_path):
+    storage = open_storage(str(tmp_path))
+    assert isinstance(storage, LocalStorage)
+    target = storage.join(str(tmp_path), "a", "b.bin")
+    storage.write_atomic(target, b"hello")
+    storage.write_atomic(storage.join(str(tmp_path), "c.bin"), b"x")
+    assert storage.read_bytes(target) == b"hello"
+    assert storage.exists(target) and not storage.exists(target + "x")
+    assert storage.list(str(tmp_path)) == sorted([target, os.path.join(str(tmp_path), "c.bin")])
+    assert storage.is_dir(str(tmp_path / "a"))
+    # No temp files remain beside the target.
+    assert sorted(os.listdir(tmp_path / "a")) == ["b.bin"]
+    storage.delete(target)
+    storage.delete(target)  # deleting twice is fine
+    assert not storage.exists(target)
+    assert storage.list(str(tmp_path / "missing")) == []
+    with pytest.raises(StorageError, match="b.bin: cannot read"):
+        storage.read_bytes(target)
+
+
+def test_unknown_scheme():
+    with pytest.raises(StorageError, match="unsupported scheme 'gs'"):
+        open_storage("gs://bucket/x")
+
+
+def test_endpoint_resolution(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    assert resolve_endpoint(None) == "http://generic:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3only:2")
+    assert resolve_endpoint(None) == "http://s3only:2"
+    assert resolve_endpoint(StorageSpec(endpoint_url="http://spec:3")) == "http://spec:3"
+
+
+def test_s3_round_trip(s3_server):
+    bucket = s3_server.make_bucket()
+    storage = open_storage(f"s3://{bucket}/x", StorageSpec(endpoint_url=s3_server.endpoint_url))
+    assert isinstance(storage, S3Storage)
+    base = f"s3://{bucket}/runs/demo"
+    storage.write_atomic(storage.join(base, "part-00000.parquet"), b"one")
+    storage.write_atomic(storage.join(base, "_shards", "part-00000.json"), b"{}")
+    storage.write_atomic(f"s3://{bucket}/runs/demo2/other", b"not listed under runs/demo")
+    assert storage.list(base) == [f"{base}/_shards/part-00000.json", f"{base}/part-00000.parquet"]
+    assert storage.read_bytes(f"{base}/part-00000.parquet") == b"one"
+    assert storage.exists(f"{base}/part-00000.parquet")
+    assert not storage.exists(f"{base}/part-00001.parquet")
+    assert storage.is_dir(base) and not storage.is_dir(f"s3://{bucket}/nothing")
+    storage.delete(f"{base}/part-00000.parquet")
+    assert not storage.exists(f"{base}/part-00000.parquet")
+    with pytest.raises(StorageError, match=f"s3://{bucket}/runs/demo/gone.*no such key"):
+        storage.read_bytes(f"{base}/gone")
+    # boto3 sees what we wrote, with a plain client against the same server.
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    assert client.get_object(Bucket=bucket, Key="runs/demo/_shards/part-00000.json")[
+        "Body"].read() == b"{}"
+
+
+def test_s3_missing_bucket_is_a_clear_error(s3_server):
+    storage = open_storage("s3://no-such-bucket-here/x")  # endpoint from AWS_ENDPOINT_URL_S3
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist"):
+        storage.write_atomic("s3://no-such-bucket-here/k", b"x")
+    with pytest.raises(StorageError, match="no-such-bucket-here"):
+        storage.list("s3://no-such-bucket-here/prefix")
+
+
+def test_s3_multipart_upload(s3_server, monkeypatch):
+    monkeypatch.setattr("jobs.storage.MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    bucket = s3_server.make_bucket()
+    storage = open_storage(f"s3://{bucket}")
+    data = os.urandom(6 * 1024 * 1024)
+    storage.write_atomic(f"s3://{bucket}/big.bin", data)
+    assert storage.read_bytes(f"s3://{bucket}/big.bin") == data
+
+
+def test_pyarrow_reads_s3_parquet(s3_server):
+    bucket = s3_server.make_bucket()
+    storage = open_storage(f"s3://{bucket}")
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), buffer)
+    storage.write_atomic(f"s3://{bucket}/t.parquet", buffer.getvalue())
+    fs = storage.arrow_filesystem()
+    table = pq.read_table(storage.arrow_path(f"s3://{bucket}/t.parquet"), filesystem=fs)
+    assert table.column("prompt").to_pylist() == ["a", "b"]
