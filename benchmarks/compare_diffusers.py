@@ -36,7 +36,7 @@ def sd15_reference():
     )
     text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                         num_attention_heads=12, hidden_act="quick_gelu"))
-    tok = CLIPTokenizer(str(CLIP_DIR / "vocab.json"), str(CLIP_DIR / "merges.txt"))
+    tok = CLIPTokenizer(str(CLIP_DIR / "vocab.json"), str(CLIP_DIR / "merges.txt"), model_max_length=77)
     return Reference(unet.eval(), vae.eval(), text.eval(), tok, dict(SD1_SCHEDULER))
 
 

@@ -105,7 +105,9 @@ def make_reference(kind: str = "sd1", seed: int = 0) -> Reference:
                 p.data.normal_(0.0, 1.0 / max(1.0, p[0].numel() ** 0.5))
     for m in (unet, vae, text_encoder):
         m.eval()
-    tokenizer = CLIPTokenizer(str(CLIP_DIR / "vocab.json"), str(CLIP_DIR / "merges.txt"))
+    tokenizer = CLIPTokenizer(
+        str(CLIP_DIR / "vocab.json"), str(CLIP_DIR / "merges.txt"), model_max_length=77
+    )
     return Reference(unet, vae, text_encoder, tokenizer, scheduler)
 
 
