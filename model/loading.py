@@ -17,20 +17,8 @@ from .pipeline import Pipeline, resolve_dtype
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
-# SD 1.x's scheduler: what single-file checkpoints and the random model use.
-SD1_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
+# SD 1.x's scheduler is what single-file checkpoints and the random model use.
+from .convert_ldm import SD1_SCHEDULER  # noqa: E402
 
 # A tiny model with random weights (seeded, so the same everywhere): for tests and for
 # trying the job system without any weights at hand. It draws noise, not pictures.
@@ -102,8 +90,8 @@ def load_builtin_folder(name: str, device, dtype) -> Pipeline:
     folder = BUILTIN_DIR / name
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(
-            f"builtin:{name} is not shipped in this installation (no {folder}/model_index.json); "
-            f"available: {sorted(available_builtins())}"
+            f"built-in model builtin:{name} is not shipped in this installation "
+            f"(no {folder}/model_index.json); available: {available_builtins()}"
         )
     return load_path(str(folder), device, dtype, None, name=f"builtin:{name}")
 
@@ -158,8 +146,6 @@ def load(source: str, *, device="cpu", dtype="float32", config: str | None = Non
         builder = BUILTINS.get(name)
         if builder is not None:
             return builder(device, dtype)
-        if name not in available_builtins():
-            raise ValueError(f"unknown built-in model {source!r}; available: {available_builtins()}")
         return load_builtin_folder(name, device, dtype)
     if source.startswith("s3://"):
         return load_path(fetch_s3(source), device, dtype, config, name=source)

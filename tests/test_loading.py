@@ -1,0 +1,48 @@
+"""load_pipeline on each kind of source, end to end against diffusers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_sd import diffusers_pipeline, make_reference, save_diffusers_folder
+
+from model import load_pipeline
+
+
+def test_diffusers_folder_generates_like_diffusers(tmp_path):
+    ref = make_reference("sd1", seed=3)
+    folder = save_diffusers_folder(ref, tmp_path / "tiny-sd")
+    pipe = load_pipeline(str(folder))
+    ours = pipe.generate(["a blue square"], seeds=[11], steps=4, guidance_scale=6.0,
+                         sampler="euler", width=32, height=32)
+    theirs = diffusers_pipeline(ref, "euler")(
+        ["a blue square"], num_inference_steps=4, guidance_scale=6.0, width=32, height=32,
+        generator=[torch.Generator("cpu").manual_seed(11)], output_type="np",
+    ).images
+    theirs = (theirs * 255).round().astype(np.uint8)
+    diff = np.abs(np.asarray(ours[0], np.int16) - theirs[0].astype(np.int16))
+    assert diff.max() <= 2
+    assert pipe.name == str(folder)
+    assert len(pipe.content_hash) == 64
+
+
+def test_tiny_random_is_deterministic_and_named():
+    a = load_pipeline("builtin:tiny-random")
+    b = load_pipeline("builtin:tiny-random")
+    assert a.name == "builtin:tiny-random"
+    assert a.content_hash == b.content_hash
+    ia = a.generate(["x"], seeds=[1], steps=2, width=64, height=64)[0]
+    ib = b.generate(["x"], seeds=[1], steps=2, width=64, height=64)[0]
+    assert ia.size == (64, 64)
+    assert np.array_equal(np.asarray(ia), np.asarray(ib))
+
+
+def test_unknown_builtin_lists_what_is_available():
+    with pytest.raises(FileNotFoundError, match="tiny-random"):
+        load_pipeline("builtin:no-such-model")
+
+
+def test_bad_dtype_is_named():
+    with pytest.raises(ValueError, match="dtype"):
+        load_pipeline("builtin:tiny-random", dtype="float8")
