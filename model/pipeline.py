@@ -220,12 +220,12 @@ class Pipeline:
         # One draw of batch 1 per sample from its own generator, in float32 on the CPU.
         return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
 
-    def encode_images(self, images: list[Image.Image], request: GenerationRequest) -> torch.Tensor:
-        """Scaled latents of the init images; sample i drawn from its own generator."""
+    def encode_images(
+        self, images: list[Image.Image], request: GenerationRequest
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's posterior (mean, logvar) of the init images, resized to the asked size."""
         pixels = torch.cat([self.image_to_tensor(im, request.width, request.height) for im in images])
-        pixels = pixels.to(self.device, self.vae_dtype)
-        mean, logvar = self.vae.encode_moments(pixels)
-        return mean, logvar
+        return self.vae.encode_moments(pixels.to(self.device, self.vae_dtype))
 
     @staticmethod
     def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -246,7 +246,8 @@ class Pipeline:
             batch = x_in.shape[0]
             x_unet = torch.cat([x_in, x_in]) if any_guided else x_in
             t = torch.as_tensor(t, device=self.device)
-            t_unet = t.expand(x_unet.shape[0]) if t.ndim == 0 else torch.cat([t, t]) if any_guided else t
+            t = t.expand(batch) if t.ndim == 0 else t  # (B,)
+            t_unet = torch.cat([t, t]) if any_guided else t
             out = self.unet(x_unet.to(self.device, self.dtype), t_unet, context).float()
             if not any_guided:
                 return out
