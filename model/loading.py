@@ -113,26 +113,29 @@ def load_path(path: str, device, dtype, config, *, name: str | None = None) -> P
 
 
 def fetch_s3(uri: str) -> str:
-    """Copy an s3:// model (a folder prefix or one file) to a local cache; returns the path."""
+    """Copy an s3:// model (a folder prefix or one file) to a local cache; returns the path.
+
+    The cache is keyed by the URI; files already there are kept, so a second load of the
+    same model (e.g. another actor on the machine) reads nothing from the store again.
+    """
     from jobs.storage import open_storage  # the project's one storage interface
 
     cache_root = Path(os.environ.get("LDM_JOBS_CACHE", Path.home() / ".cache" / "ldm-jobs")) / "models"
     local = cache_root / hashlib.sha256(uri.encode()).hexdigest()[:16]
     storage = open_storage(uri)
-    keys = storage.list("")
-    if not keys:
-        raise FileNotFoundError(f"no model found at {uri}")
-    for key in keys:
-        relative = key
-        target = local / relative if relative else local / uri.rsplit("/", 1)[-1]
+    prefix = uri.rstrip("/") + "/"
+    files = {path: local / path[len(prefix):] for path in storage.list(uri)}
+    if not files:  # not a folder: one checkpoint file, or nothing at all
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"no model found at {uri}")
+        files = {uri: local / uri.rsplit("/", 1)[-1]}
+    for remote, target in files.items():
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".partial")
-            tmp.write_bytes(storage.read_bytes(key))
-            os.replace(tmp, target)
-    if len(keys) == 1 and keys[0] in ("",):
-        return str(local / uri.rsplit("/", 1)[-1])
-    return str(local)
+            partial = target.with_name(target.name + ".partial")
+            partial.write_bytes(storage.read_bytes(remote))
+            os.replace(partial, target)  # never leave a half-written file under its real name
+    return str(local) if uri not in files else str(files[uri])
 
 
 BUILTINS = {"tiny-random": build_tiny_random}

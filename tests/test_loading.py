@@ -61,3 +61,24 @@ def test_half_precision_gives_finite_images_close_to_float32(dtype):
     b = np.asarray(half.generate(["a red star"], **kwargs)[0], np.float32)
     assert b.std() > 5  # not a flat (black) image
     assert np.abs(a - b).mean() < 12, "half precision drifted far from float32"
+
+
+def test_model_folder_loads_from_s3(tmp_path, s3_server, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("LDM_JOBS_CACHE", str(tmp_path / "cache"))
+    ref = make_reference("sd1", seed=5)
+    folder = save_diffusers_folder(ref, tmp_path / "tiny-sd")
+    bucket = s3_server.make_bucket(None)
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"models/tiny-sd/{path.relative_to(folder)}")
+    local = load_pipeline(str(folder))
+    remote = load_pipeline(f"s3://{bucket}/models/tiny-sd")
+    assert remote.name == f"s3://{bucket}/models/tiny-sd"
+    assert remote.content_hash == local.content_hash
+    kwargs = dict(seeds=[2], steps=2, width=32, height=32)
+    assert np.array_equal(np.asarray(remote.generate(["x"], **kwargs)[0]),
+                          np.asarray(local.generate(["x"], **kwargs)[0]))
+    with pytest.raises(FileNotFoundError, match="no model found"):
+        load_pipeline(f"s3://{bucket}/models/missing")
