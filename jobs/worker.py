@@ -54,7 +54,8 @@ class ShardWorker:
         if pipeline is None:
             from model import load_pipeline
 
-            pipeline = load_pipeline(spec.model, device=device, dtype=spec.compute.dtype)
+            pipeline = load_pipeline(spec.model, device=device, dtype=spec.compute.dtype,
+                                     storage=spec.storage)
         self.spec = spec
         self.pipeline = pipeline
         self.model = model_tag(pipeline)

@@ -112,7 +112,7 @@ def load_path(path: str, device, dtype, config, *, name: str | None = None) -> P
     )
 
 
-def fetch_s3(uri: str) -> str:
+def fetch_s3(uri: str, storage_spec=None) -> str:
     """Copy an s3:// model (a folder prefix or one file) to a local cache; returns the path.
 
     The cache is keyed by the URI; files already there are kept, so a second load of the
@@ -122,7 +122,7 @@ def fetch_s3(uri: str) -> str:
 
     cache_root = Path(os.environ.get("LDM_JOBS_CACHE", Path.home() / ".cache" / "ldm-jobs")) / "models"
     local = cache_root / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    storage = open_storage(uri)
+    storage = open_storage(uri, storage_spec)
     prefix = uri.rstrip("/") + "/"
     files = {path: local / path[len(prefix):] for path in storage.list(uri)}
     if not files:  # not a folder: one checkpoint file, or nothing at all
@@ -141,7 +141,7 @@ def fetch_s3(uri: str) -> str:
 BUILTINS = {"tiny-random": build_tiny_random}
 
 
-def load(source: str, *, device="cpu", dtype="float32", config: str | None = None) -> Pipeline:
+def load(source: str, *, device="cpu", dtype="float32", config: str | None = None, storage=None) -> Pipeline:
     if not isinstance(source, str) or not source:
         raise ValueError("model source must be a non-empty string")
     if source.startswith("builtin:"):
@@ -151,5 +151,5 @@ def load(source: str, *, device="cpu", dtype="float32", config: str | None = Non
             return builder(device, dtype)
         return load_builtin_folder(name, device, dtype)
     if source.startswith("s3://"):
-        return load_path(fetch_s3(source), device, dtype, config, name=source)
+        return load_path(fetch_s3(source, storage), device, dtype, config, name=source)
     return load_path(source, device, dtype, config, name=source)

@@ -299,9 +299,13 @@ class Pipeline:
 
 def load_pipeline(
     source: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
-    config: str | None = None,
+    config: str | None = None, storage=None,
 ) -> Pipeline:
-    """Load ``builtin:NAME``, a diffusers folder or a single-file checkpoint (local or s3://)."""
+    """Load ``builtin:NAME``, a diffusers folder or a single-file checkpoint (local or s3://).
+
+    ``storage``: a job spec's storage settings (endpoint, region) for ``s3://`` sources;
+    without it the standard AWS environment variables apply.
+    """
     from . import loading
 
-    return loading.load(source, device=device, dtype=dtype, config=config)
+    return loading.load(source, device=device, dtype=dtype, config=config, storage=storage)

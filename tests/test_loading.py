@@ -82,3 +82,12 @@ def test_model_folder_loads_from_s3(tmp_path, s3_server, monkeypatch):
                           np.asarray(local.generate(["x"], **kwargs)[0]))
     with pytest.raises(FileNotFoundError, match="no model found"):
         load_pipeline(f"s3://{bucket}/models/missing")
+    # A job spec's storage.endpoint_url is enough, without the AWS endpoint variables.
+    from jobs.spec import StorageSpec
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("LDM_JOBS_CACHE", str(tmp_path / "cache2"))
+    via_spec = load_pipeline(f"s3://{bucket}/models/tiny-sd",
+                             storage=StorageSpec(endpoint_url=s3_server.endpoint_url))
+    assert via_spec.content_hash == local.content_hash
