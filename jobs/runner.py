@@ -149,9 +149,13 @@ class _Dispatch:
         self.running: dict[Any, tuple[int, ShardPlan]] = {}  # run() ref -> (slot, shard)
         self.idle: deque[int] = deque()
         self.results: list[ShardResult] = []
-        # Actors that die while loading (out of memory, a lost node) are replaced too,
-        # but not forever.
-        self.boot_failures_left = max_attempts * self.n_actors
+        # Actors that die while loading (out of memory, a lost node) are replaced too, but
+        # not forever. Until one actor has loaded the model, `max_attempts` deaths in all
+        # stop the job: the model itself likely kills its loaders (too big for memory), and
+        # every actor retrying it would be a storm of restarts. Once the model has loaded
+        # somewhere, deaths are the machines' and each actor may lose `max_attempts`.
+        self.boot_deaths = 0
+        self.loaded_once = False
 
     def run(self) -> list[ShardResult]:
         self.progress.note(f"{len(self.queue)} shard(s) to run on {self.n_actors} actor(s); "
@@ -192,14 +196,18 @@ class _Dispatch:
                 # The actor could not even be built (the project's code missing or broken
                 # on the workers): the same on every retry.
                 raise JobFailed(f"workers could not start: {_last_line(exc)}") from None
-            self.boot_failures_left -= 1  # the process died while loading
-            if self.boot_failures_left < 0:
-                raise JobFailed(f"actors keep dying while loading model {self.spec.model!r}: "
-                                f"{_error_text(exc)}") from None
+            self.boot_deaths += 1  # the process died while loading
+            allowed = self.max_attempts * (self.n_actors if self.loaded_once else 1)
+            if self.boot_deaths >= allowed:
+                hint = "" if self.loaded_once else (
+                    "; none has loaded it, so the model itself may not fit in memory")
+                raise JobFailed(f"actors keep dying while loading model {self.spec.model!r} "
+                                f"({self.boot_deaths} lost{hint}): {_error_text(exc)}") from None
             self.booting[self.pool.start(slot)] = slot
             return
         if load_error is not None:
             raise ModelLoadError(f"model {self.spec.model!r} could not be loaded: {load_error}")
+        self.loaded_once = True
         self.idle.append(slot)
 
     def _finished(self, ref: Any) -> None:

@@ -2,7 +2,8 @@
 
 Commit order makes the output trustworthy without coordination: the shard file first
 (atomically), then its rejected rows, then its record in `_shards/` (which marks it done
-and drives resume), and at the very end `errors.parquet`, `_manifest.json` and `_SUCCESS`.
+and drives resume), and at the very end `errors.parquet`, `_manifest.json` and `_SUCCESS`
+(just before it, temp files left by writers killed mid-write are swept away).
 """
 
 from __future__ import annotations
@@ -220,8 +221,36 @@ def finalize(spec: JobSpec, plan: Plan, wall_seconds: float) -> dict[str, Any]:
     storage.write_atomic(storage.join(spec.output.path, MANIFEST),
                          json.dumps(manifest, indent=2).encode())
     if complete:
+        remove_stale_temps(storage, spec)
         storage.write_atomic(storage.join(spec.output.path, SUCCESS), b"")
     return manifest
+
+
+# A local atomic write goes through `.tmp-<target name>-<random>` beside its target.
+_TEMP_PREFIX = ".tmp-"
+_OUR_TARGETS = ("part-", ERRORS, MANIFEST, SUCCESS)
+
+
+def _is_our_temp(relative: str) -> bool:
+    """A temp file of one of our writes: in the output's root or in `_shards/`."""
+    folder, _, base = relative.rpartition("/")
+    return (folder in ("", RECORDS_DIR) and base.startswith(_TEMP_PREFIX)
+            and base[len(_TEMP_PREFIX):].startswith(_OUR_TARGETS))
+
+
+def remove_stale_temps(storage: Storage, spec: JobSpec) -> int:
+    """Delete temp files left by writers that were killed mid-write; returns how many.
+
+    A process killed between writing a temp file and renaming it leaves the temp behind
+    (never under a shard's name, so no reader sees it as data). Called once every shard
+    is committed, when no writer of this job is left, so nothing live is removed.
+    """
+    root = spec.output.path.removeprefix("file://").replace("\\", "/").rstrip("/")
+    stale = [path for path in storage.list(spec.output.path)
+             if _is_our_temp(path.replace("\\", "/")[len(root):].lstrip("/"))]
+    for path in stale:
+        storage.delete(path)
+    return len(stale)
 
 
 def clear_output(spec: JobSpec) -> int:
