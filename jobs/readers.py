@@ -3,6 +3,8 @@
 Parquet is the format for big inputs: planning reads only footers (row counts, schema)
 and a worker reads just the row groups that cover its slice. CSV, JSON Lines and plain
 text (one prompt per line; blank lines are not rows) are read whole, for small batches.
+Every read goes through `jobs.storage`, which retries transient object-store faults; a
+missing file is an InputError, any other storage failure stays a StorageError.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from .storage import Storage, StorageError
+from .storage import NotFoundError, Storage, StorageError
 
 
 class InputError(ValueError):
@@ -34,8 +36,8 @@ class InputFile:
 class _Parquet:
     @staticmethod
     def _open(storage: Storage, path: str) -> pq.ParquetFile:
-        fs = storage.arrow_filesystem()
-        return pq.ParquetFile(fs.open_input_file(storage.arrow_path(path)))
+        # Through the storage layer: on S3 each ranged read is retried like any request.
+        return pq.ParquetFile(storage.open_input_file(path))
 
     def describe(self, storage: Storage, path: str, prompt_column: str) -> InputFile:
         parquet = self._open(storage, path)  # footer only: no row data is read
@@ -146,6 +148,8 @@ def describe_file(storage: Storage, path: str, prompt_column: str) -> InputFile:
     """Row count and schema of one input file (Parquet: from the footer alone)."""
     try:
         return _reader(path).describe(storage, path, prompt_column)
+    except NotFoundError as error:
+        raise InputError(f"{path}: input not found ({error})") from None
     except (pa.ArrowInvalid, OSError) as error:
         raise InputError(f"{path}: cannot read: {error}") from None
 
@@ -155,6 +159,8 @@ def read_slice(storage: Storage, path: str, first: int, count: int,
     """Rows [first, first + count) of one input file, in file order."""
     try:
         return _reader(path).read(storage, path, first, count, prompt_column)
+    except NotFoundError as error:
+        raise InputError(f"{path}: input not found ({error})") from None
     except (pa.ArrowInvalid, OSError) as error:
         raise InputError(f"{path}: cannot read rows {first}..{first + count - 1}: {error}") from None
 

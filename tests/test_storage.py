@@ -7,7 +7,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.spec import StorageSpec
-from jobs.storage import LocalStorage, S3Storage, StorageError, open_storage, resolve_endpoint
+from jobs.storage import (
+    LocalStorage,
+    NotFoundError,
+    RetryPolicy,
+    S3Storage,
+    StorageError,
+    is_transient,
+    open_storage,
+    resolve_endpoint,
+)
 
 
 def test_local_round_trip(tmp_path):
@@ -93,3 +102,65 @@ def test_pyarrow_reads_s3_parquet(s3_server):
     fs = storage.arrow_filesystem()
     table = pq.read_table(storage.arrow_path(f"s3://{bucket}/t.parquet"), filesystem=fs)
     assert table.column("prompt").to_pylist() == ["a", "b"]
+
+
+def test_local_open_input_file(tmp_path):
+    storage = open_storage(str(tmp_path))
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"]}), tmp_path / "t.parquet")
+    parquet = pq.ParquetFile(storage.open_input_file(str(tmp_path / "t.parquet")))
+    assert parquet.read().column("prompt").to_pylist() == ["a", "b", "c"]
+
+
+def test_s3_parquet_through_storage(s3_server):
+    bucket = s3_server.make_bucket()
+    storage = open_storage(f"s3://{bucket}")
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(500)]}), buffer,
+                   row_group_size=100)
+    storage.write_atomic(f"s3://{bucket}/t.parquet", buffer.getvalue())
+    parquet = pq.ParquetFile(storage.open_input_file(f"s3://{bucket}/t.parquet"))
+    assert parquet.metadata.num_rows == 500
+    assert parquet.read_row_group(3).column("prompt").to_pylist()[0] == "p300"
+    with pytest.raises(NotFoundError, match=f"s3://{bucket}/nope.parquet.*no such key"):
+        storage.open_input_file(f"s3://{bucket}/nope.parquet")
+
+
+def test_transient_classification():
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ParamValidationError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    for error in [client_error("SlowDown", 503), client_error("InternalError", 500),
+                  client_error("503", 503), client_error("RequestTimeout", 400),
+                  client_error("Weird", 502), client_error("TooManyRequests", 429),
+                  EndpointConnectionError(endpoint_url="http://h"),
+                  ConnectionClosedError(endpoint_url="http://h"),
+                  ReadTimeoutError(endpoint_url="http://h"),
+                  ResponseStreamingError(error="reset"), ConnectionResetError()]:
+        assert is_transient(error), error
+    for error in [client_error("AccessDenied", 403), client_error("NoSuchKey", 404),
+                  client_error("NoSuchBucket", 404), client_error("NotImplemented", 501),
+                  client_error("InvalidArgument", 400), NoCredentialsError(),
+                  ParamValidationError(report="bad"), StorageError("x"), ValueError("x")]:
+        assert not is_transient(error), error
+
+
+def test_retry_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LDM_JOBS_S3_ATTEMPTS", "4")
+    monkeypatch.setenv("LDM_JOBS_S3_RETRY_BASE", "0.125")
+    policy = RetryPolicy.current()
+    assert (policy.attempts, policy.base_seconds) == (4, 0.125)
+    assert 0.0625 <= policy.backoff(1) <= 0.125 and 0.125 <= policy.backoff(2) <= 0.25
+    monkeypatch.setenv("LDM_JOBS_S3_ATTEMPTS", "many")
+    with pytest.raises(StorageError, match="LDM_JOBS_S3_ATTEMPTS='many'"):
+        RetryPolicy.current()
