@@ -3,27 +3,39 @@
 A shard's name and content follow from the input and the spec alone, so a retried or
 resumed shard writes the same bytes to the same name. Planning reads metadata (Parquet
 footers) and, when the input has ids, the id column alone to find duplicates; it never
-loads whole tables of a Parquet input, and it needs no Ray.
+loads whole tables of a Parquet input, and it needs no Ray. Shards are row ranges, so
+the plan of a million-row input is a few thousand small objects (see
+benchmarks/plan_memory.py).
+
+Everything wrong with the input that planning can see (no such file or bucket, a file
+that is not Parquet, no prompt column, no rows at all) is an InputError or SpecError
+naming the field, raised before any work starts; the CLI exits 2 on it.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .readers import InputError, InputFile, describe_file, list_input_files, read_slice, unify
 from .rows import OVERRIDE_COLUMNS
-from .spec import JobSpec, SpecError
-from .storage import Storage, open_storage
+from .spec import JobSpec, SpecError, redact_text
+from .storage import Storage, StorageError, open_storage
 
 RECORDS_DIR = "_shards"  # per-shard records: written after the shard, they mark it done
 SHARD_EXTENSIONS = {"parquet": "parquet", "webdataset": "tar"}  # output.format -> suffix
+
+
+class ForeignOutputError(SpecError):
+    """The output holds shards of another job (another spec or input): --overwrite clears it."""
 
 
 @dataclass(frozen=True)
@@ -112,45 +124,94 @@ def _check_columns(files: list[InputFile], spec: JobSpec, id_column: str | None)
     for info in files:
         names = info.schema.names
         if prompt not in names:
-            raise InputError(f"{info.path}: no prompt column '{prompt}' "
+            raise InputError(f"input.prompt_column: {info.path}: no prompt column '{prompt}' "
                              f"(columns: {', '.join(names) or 'none'}); set input.prompt_column")
         kind = info.schema.field(prompt).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-                or pa.types.is_null(kind)):
-            raise InputError(f"{info.path}: prompt column '{prompt}' holds {kind}, not text")
+        if not _is_text(kind):
+            raise InputError(f"input.prompt_column: {info.path}: prompt column '{prompt}' "
+                             f"holds {kind}, not text")
         if id_column and spec.input.id_column and id_column not in names:
-            raise InputError(f"{info.path}: no id column '{id_column}' "
+            raise InputError(f"input.id_column: {info.path}: no id column '{id_column}' "
                              f"(columns: {', '.join(names)}); set input.id_column")
 
 
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):  # pandas categoricals arrive as dictionary<string>
+        kind = kind.value_type
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _kind: False)(kind)
+            or pa.types.is_null(kind))
+
+
 def _read_ids(storage: Storage, info: InputFile, id_column: str, prompt_column: str) -> pa.Array:
+    if not info.rows:
+        return pa.array([], pa.string())
     if info.path.endswith(".parquet"):
         fs = storage.arrow_filesystem()
         parquet = pq.ParquetFile(fs.open_input_file(storage.arrow_path(info.path)))
         column = parquet.read(columns=[id_column]).column(0)
     else:
         column = read_slice(storage, info.path, 0, info.rows, prompt_column).column(id_column)
-    return pc.cast(column, pa.string()).combine_chunks() if info.rows else pa.array([], pa.string())
+    try:
+        return pc.cast(column, pa.string()).combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        raise InputError(f"input.id_column: {info.path}: id column '{id_column}' "
+                         f"({column.type}) cannot be read "
+                         f"as text ids: {error}; set input.id_column to a text or integer "
+                         "column") from None
 
 
 def find_duplicates(storage: Storage, files: list[InputFile], id_column: str,
-                    prompt_column: str) -> dict[int, int]:
-    """{global row: global row of the first occurrence} for every repeated non-null id."""
+                    prompt_column: str, images_per_prompt: int = 1) -> dict[int, int]:
+    """{global row: an earlier global row} for every row one of whose image ids came before.
+
+    Two rows clash when they have the same non-null id, or, with images_per_prompt k > 1,
+    when one's id is another's plus `-j` (1 <= j < k): row `a` makes the images `a`,
+    `a-1`, ..., so a row with the id `a-1` would write a second image of that id. The
+    later row of a clashing pair is the one rejected, wherever the two rows' shards are.
+    Ids are dictionary-encoded once; the rest is integer arrays (a few bytes per row).
+    """
     ids = [_read_ids(storage, info, id_column, prompt_column) for info in files]
     if not ids:
         return {}
-    table = pa.table({"id": pa.chunked_array(ids, pa.string())})
-    table = table.append_column("row", pa.array(range(table.num_rows), pa.int64()))
-    table = table.filter(pc.is_valid(table.column("id")))
-    counts = table.group_by("id").aggregate([("row", "min"), ("row", "count")])
-    repeated = counts.filter(pc.greater(counts.column("row_count"), 1))
-    if repeated.num_rows == 0:
-        return {}
-    first_row = dict(zip(repeated.column("id").to_pylist(), repeated.column("row_min").to_pylist()))
-    later = table.filter(pc.is_in(table.column("id"), value_set=repeated.column("id")))
-    return {row: first_row[key] for key, row in zip(later.column("id").to_pylist(),
-                                                   later.column("row").to_pylist())
-            if row != first_row[key]}
+    encoded = pc.dictionary_encode(pa.chunked_array(ids, pa.string()).combine_chunks())
+    del ids
+    values = encoded.dictionary  # each distinct id once
+    codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = np.flatnonzero(codes >= 0)  # rows with an id (null ids are rejected row by row)
+    if len(values) == len(rows) and images_per_prompt == 1:
+        return {}  # every id distinct: the common case, settled without sorting
+    first = np.full(len(values), -1, np.int64)  # code -> first row with that id
+    distinct, first_at = np.unique(codes[rows], return_index=True)
+    first[distinct] = rows[first_at]
+    found: dict[int, int] = {}
+    if len(distinct) < len(rows):
+        later = rows[first[codes[rows]] != rows]
+        found.update(zip(later.tolist(), first[codes[later]].tolist()))
+    if images_per_prompt > 1:
+        _derived_clashes(values, first, images_per_prompt, found)
+    return found
+
+
+def _derived_clashes(values: pa.Array, first: np.ndarray, images_per_prompt: int,
+                     found: dict[int, int]) -> None:
+    """Add clashes of an id `<other id>-j` (j < images_per_prompt) with that other id."""
+    pattern = r"^(?P<base>.*)-(?P<j>[1-9][0-9]{0,8})$"
+    candidates = np.flatnonzero(
+        pc.fill_null(pc.match_substring_regex(values, pattern), False).to_numpy(
+            zero_copy_only=False))
+    if not len(candidates):
+        return
+    parts = pc.extract_regex(values.take(pa.array(candidates)), pattern)
+    suffix = pc.cast(pc.struct_field(parts, "j"), pa.int64()).to_numpy(zero_copy_only=False)
+    base_codes = pc.fill_null(pc.index_in(pc.struct_field(parts, "base"), value_set=values), -1)
+    base_codes = base_codes.to_numpy(zero_copy_only=False)
+    hits = (suffix < images_per_prompt) & (base_codes >= 0)
+    for code, base_code in zip(candidates[hits].tolist(), base_codes[hits].tolist()):
+        one, other = int(first[code]), int(first[base_code])
+        later, earlier = max(one, other), min(one, other)
+        if earlier < found.get(later, later):
+            found[later] = earlier
 
 
 def _fingerprint(spec: JobSpec, slices: tuple[RowSlice, ...], id_column: str | None) -> str:
@@ -170,11 +231,13 @@ def _cut_shards(spec: JobSpec, files: list[InputFile], id_column: str | None,
     shards: list[ShardPlan] = []
     slices: list[RowSlice] = []
     rows = offset = 0
+    dup_rows = sorted(duplicates)  # bisected per shard: linear, not shards x duplicates
 
     def close() -> None:
         nonlocal slices, rows
         start = offset - rows
-        dups = tuple(sorted((r, f) for r, f in duplicates.items() if start <= r < offset))
+        lo, hi = bisect.bisect_left(dup_rows, start), bisect.bisect_left(dup_rows, offset)
+        dups = tuple((r, duplicates[r]) for r in dup_rows[lo:hi])
         frozen = tuple(slices)
         shards.append(ShardPlan(len(shards), shard_name(len(shards)), frozen, rows, id_column,
                                 dups, _fingerprint(spec, frozen, id_column), schema))
@@ -210,22 +273,35 @@ def read_records(storage: Storage, spec: JobSpec) -> dict[str, dict]:
 
 def make_plan(spec: JobSpec) -> Plan:
     """Plan the job: validate the input's schema, cut shards, find committed ones (resume)."""
-    in_storage = open_storage(spec.input.path, spec.storage)
-    paths = list_input_files(spec.input.path, in_storage)
-    files = [describe_file(in_storage, path, spec.input.prompt_column) for path in paths]
-    schema = unify([info.schema for info in files], spec.input.path)
-    id_column = spec.input.id_column or ("id" if "id" in schema.names else None)
-    _check_columns(files, spec, id_column)
-    duplicates = (find_duplicates(in_storage, files, id_column, spec.input.prompt_column)
-                  if id_column else {})
+    try:
+        in_storage = open_storage(spec.input.path, spec.storage)
+        paths = list_input_files(spec.input.path, in_storage)
+        files = [describe_file(in_storage, path, spec.input.prompt_column) for path in paths]
+        schema = unify([info.schema for info in files], spec.input.path)
+        id_column = spec.input.id_column or ("id" if "id" in schema.names else None)
+        _check_columns(files, spec, id_column)
+        input_rows = sum(info.rows for info in files)
+        if input_rows == 0:
+            raise InputError(f"{spec.input.path}: the input holds no rows "
+                             f"({len(files)} file(s), all empty); nothing to generate")
+        duplicates = (find_duplicates(in_storage, files, id_column, spec.input.prompt_column,
+                                      spec.sampling.images_per_prompt) if id_column else {})
+    except (InputError, StorageError) as error:
+        # Name the field; never echo a credential that a URL or the environment holds.
+        message = redact_text(str(error))
+        field = "" if message.startswith("input.") else "input.path: "
+        raise InputError(f"{field}{message}") from None
     shards = _cut_shards(spec, files, id_column, schema, duplicates)
 
-    out_storage = open_storage(spec.output.path, spec.storage)
-    records = read_records(out_storage, spec)
+    try:
+        out_storage = open_storage(spec.output.path, spec.storage)
+        records = read_records(out_storage, spec)
+    except StorageError as error:
+        raise SpecError(f"output.path: {redact_text(str(error))}") from None
     by_name = {shard.name: shard for shard in shards}
     for name, record in records.items():
         if name not in by_name or record.get("fingerprint") != by_name[name].fingerprint:
-            raise SpecError(f"output.path: {spec.output.path} holds shard {name} of a different "
-                            "job (another spec or input); use --overwrite or another output path")
-    return Plan(spec, shards, sum(info.rows for info in files), set(records), files, schema,
-                id_column)
+            raise ForeignOutputError(
+                f"output.path: {spec.output.path} holds shard {name} of a different job "
+                "(another spec or input); use --overwrite or another output path")
+    return Plan(spec, shards, input_rows, set(records), files, schema, id_column)

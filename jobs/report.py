@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from .sinks import ERRORS, MANIFEST, SUCCESS
-from .spec import StorageSpec
+from .spec import StorageSpec, redact_text
 from .storage import open_storage
 
 SHARD_FILE = re.compile(r"^part-\d{5,}\.(parquet|tar)$")
@@ -40,7 +40,8 @@ class Output:
         self.storage = open_storage(uri, storage_spec)
         files = self.storage.list(uri)
         if not files:
-            raise OutputError(f"{uri}: no job output here (no shards, manifest or records)")
+            raise OutputError(f"{redact_text(uri)}: no job output here (no shards, manifest or "
+                              "records)")
         base = {path.replace("\\", "/").rsplit("/", 1)[-1]: path for path in files}
         self.shard_files = sorted(path for name, path in base.items() if SHARD_FILE.match(name))
         self.complete = SUCCESS in base
@@ -114,7 +115,7 @@ def open_output(uri: str, storage_spec: StorageSpec | None = None) -> Output:
 
 def _summary(out: Output) -> list[str]:
     manifest = out.manifest
-    lines = [f"output     {out.uri}",
+    lines = [f"output     {redact_text(out.uri)}",
              f"status     {'complete (_SUCCESS)' if out.complete else 'incomplete'}",
              f"shards     {len(out.shard_files)} committed"]
     if manifest is None:

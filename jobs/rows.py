@@ -2,12 +2,16 @@
 
 A bad row never crashes its shard and is never dropped silently: it becomes a
 `Rejection` that ends up in `errors.parquet`. Rules, so users can predict them:
-- the prompt must be a non-empty string of at most MAX_PROMPT_CHARS characters
-  (longer prompts are truncated by the tokenizer anyway; a megabyte "prompt" is a bug);
+- the prompt must be a non-empty string of at most MAX_PROMPT_CHARS (10,000) characters;
+  a longer one is rejected, not truncated: the tokenizer keeps only 77 tokens, so such
+  a "prompt" is a data bug (a pasted document, the wrong column) worth hearing about.
+  The negative prompt has the same limit;
 - ids are the id column as text (null or empty ids are rejected), else the row's global
   index zero-padded to 8 digits; a repeated id rejects every later row that has it;
 - per-row override columns replace the sampling field of the same name; a null keeps
-  the spec's value; a bad value rejects the row naming the column;
+  the spec's value; a bad value rejects the row naming the column (integers may come as
+  integral floats or decimals: 20.0 is 20, 20.5 is rejected; a seed must fit in
+  [0, 2**63 - 1], so a negative or 2**64 seed is rejected, never wrapped);
 - images_per_prompt k gives ids `id`, `id-1`, ... `id-(k-1)`; seeds: an explicit seed s
   gives s, s+1, ...; otherwise each image's seed is derived from sampling.seed and its
   own id (`derive_seed`), so a rerun reproduces it whatever the shard layout.
@@ -15,6 +19,7 @@ A bad row never crashes its shard and is never dropped silently: it becomes a
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import math
 import numbers
@@ -24,11 +29,19 @@ from typing import Any
 
 import pyarrow as pa
 
-from .spec import MAX_SEED, MAX_STEPS, SAMPLERS, JobSpec, check_guidance, check_size, check_strength
+from .spec import (
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STEPS,
+    SAMPLERS,
+    JobSpec,
+    check_guidance,
+    check_size,
+    check_strength,
+)
 
 OVERRIDE_COLUMNS = ("negative_prompt", "seed", "steps", "guidance_scale", "sampler", "width",
                     "height", "strength", "init_image")
-MAX_PROMPT_CHARS = 10_000
 
 
 def derive_seed(base_seed: int, image_id: str) -> int:
@@ -67,11 +80,19 @@ class Rejection:
 
 def _integer(value: Any) -> int:
     # bool is an int subclass; a True "seed" is a data error, not 1.
+    if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral():
+        return int(value)  # a decimal(38, 0) column is how Parquet holds integers over 2**63
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"must be an integer, got {value!r}")
+        raise ValueError(f"must be an integer, got {_short(value)}")
     if isinstance(value, float) and not value.is_integer():
         raise ValueError(f"must be an integer, got {value!r}")
     return int(value)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a bad cell for a message, cut so a huge cell cannot bloat errors.parquet."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def _in_range(low: int, high: int) -> Callable[[Any], int]:
@@ -84,20 +105,24 @@ def _in_range(low: int, high: int) -> Callable[[Any], int]:
 
 
 def _real(value: Any) -> float:
+    if isinstance(value, decimal.Decimal):
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"must be a number, got {value!r}")
+        raise ValueError(f"must be a number, got {_short(value)}")
     return float(value)
 
 
 def _sampler(value: Any) -> str:
-    if value not in SAMPLERS:
-        raise ValueError(f"unknown sampler {value!r} (choose from {', '.join(SAMPLERS)})")
+    if not isinstance(value, str) or value not in SAMPLERS:
+        raise ValueError(f"unknown sampler {_short(value)} (choose from {', '.join(SAMPLERS)})")
     return value
 
 
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be text, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{len(value)} characters, more than {MAX_PROMPT_CHARS}")
     return value
 
 
@@ -164,15 +189,20 @@ def check_rows(
             image_id = row_id(record.get(id_column) if id_column else None, global_row,
                               bool(id_column))
             if global_row in duplicates:
-                raise ValueError(f"duplicate id {image_id!r} (first at input row "
-                                 f"{duplicates[global_row]})")
+                first = duplicates[global_row]
+                if sampling.images_per_prompt > 1:
+                    raise ValueError(
+                        f"duplicate id {_short(image_id)}: one of its image ids (the id, or "
+                        f"the id plus -1, -2, ...) is also an image id of input row {first}")
+                raise ValueError(f"duplicate id {_short(image_id)} (already used by input row "
+                                 f"{first})")
             prompt = _check_prompt(record.get(spec.input.prompt_column))
             settings = sampling.model_dump()
             for column, check in OVERRIDE_CHECKS.items():
                 if record.get(column) is not None:
                     try:
                         settings[column] = check(record[column])
-                    except ValueError as error:
+                    except (ValueError, TypeError, ArithmeticError) as error:
                         raise ValueError(f"{column}: {error}") from None
             init_image = None
             if record.get("init_image") is not None:
@@ -187,7 +217,7 @@ def check_rows(
             for k in range(sampling.images_per_prompt):
                 out_id = image_id if k == 0 else f"{image_id}-{k}"
                 if out_id in seen_ids:
-                    raise ValueError(f"duplicate id {out_id!r} (another row in this shard)")
+                    raise ValueError(f"duplicate id {_short(out_id)} (another row in this shard)")
                 seed = ((settings["seed"] + k) & MAX_SEED if record.get("seed") is not None
                         else derive_seed(sampling.seed, out_id))
                 row_tasks.append(ImageTask(

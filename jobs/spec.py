@@ -9,19 +9,34 @@ Relative paths are taken relative to the current directory, as a shell user expe
 from __future__ import annotations
 
 import math
+import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 # The sampler names of CONTRACT.md; the model package maps each to its scheduler.
 SAMPLERS = ("ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras")
 MAX_SEED = 2**63 - 1  # seeds are stored as int64 and fed to torch's manual_seed
 MIN_SIZE, MAX_SIZE = 8, 4096
 MAX_STEPS = 1000
+# Longer prompts are rejected, not truncated: the tokenizer keeps 77 tokens (a few hundred
+# characters), so a 10,000-character "prompt" is a data bug (a pasted document, a wrong
+# column) that the user should hear about rather than get an image of its first words.
+MAX_PROMPT_CHARS = 10_000
 
 Sampler = Literal["ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras"]
 
@@ -49,9 +64,19 @@ def check_strength(value: float) -> float:
     return value
 
 
-Size = Annotated[int, AfterValidator(check_size)]
-Guidance = Annotated[float, AfterValidator(check_guidance)]
-Strength = Annotated[float, AfterValidator(check_strength)]
+def _not_bool(value: Any) -> Any:
+    # YAML reads `yes`/`on`/`true` as booleans, and pydantic would take them as 1: a
+    # `steps: yes` is a mistake, not one step.
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not a boolean ({str(value).lower()})")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Size = Annotated[int, BeforeValidator(_not_bool), AfterValidator(check_size)]
+Guidance = Annotated[float, BeforeValidator(_not_bool), AfterValidator(check_guidance)]
+Strength = Annotated[float, BeforeValidator(_not_bool), AfterValidator(check_strength)]
 
 
 class _Strict(BaseModel):
@@ -59,39 +84,61 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _no_userinfo(field: str) -> AfterValidator:
+    """Credentials never live in the spec: `scheme://user:secret@host` loses `user:secret@`.
+
+    The spec travels to every worker, into `_manifest.json` and into the Ray Jobs
+    entrypoint, so a secret in it would leak everywhere; and neither boto3 nor pyarrow
+    reads userinfo (the request would fail with the secret in its error message).
+    Credentials come from the AWS environment only.
+    """
+    def drop(value: str | None) -> str | None:
+        if isinstance(value, str) and _URL_USERINFO.match(value):
+            warnings.warn(f"{field}: credentials in the URL were removed; they come from the "
+                          "AWS environment only (AWS_ACCESS_KEY_ID, ...)", stacklevel=2)
+            return redact_url(value, replacement="")
+        return value
+    return AfterValidator(drop)
+
+
 class InputSpec(_Strict):
-    path: str = Field(min_length=1, description="Parquet file, folder, glob or s3:// prefix "
-                      "(CSV, JSON Lines, .txt one prompt per line for small local batches)")
-    prompt_column: str = Field("prompt", min_length=1)
+    path: Annotated[str, _no_userinfo("input.path")] = Field(
+        min_length=1, description="Parquet file, folder, glob or s3:// prefix "
+        "(CSV, JSON Lines, .txt one prompt per line for small local batches)")
+    prompt_column: str = Field("prompt", min_length=1, description="text column; a row whose "
+                               f"prompt is null, blank or over {MAX_PROMPT_CHARS} characters "
+                               "is rejected into errors.parquet")
     id_column: str | None = Field(
         None, description="column holding row ids; unset: the column 'id' if the input has "
         "one, else the row's global index zero-padded to 8 digits")
 
 
 class OutputSpec(_Strict):
-    path: str = Field(min_length=1, description="local folder or s3:// prefix")
+    path: Annotated[str, _no_userinfo("output.path")] = Field(
+        min_length=1, description="local folder or s3:// prefix")
     format: Literal["parquet", "webdataset"] = "parquet"
     image_format: Literal["png", "jpeg", "webp"] = "png"
-    rows_per_shard: int = Field(256, ge=1, description="images per output shard")
-    quality: int = Field(95, ge=1, le=100, description="jpeg/webp quality")
+    rows_per_shard: Int = Field(256, ge=1, description="images per output shard")
+    quality: Int = Field(95, ge=1, le=100, description="jpeg/webp quality")
 
 
 class SamplingSpec(_Strict):
     sampler: Sampler = "dpmpp_2m"
-    steps: int = Field(25, ge=1, le=MAX_STEPS)
+    steps: Int = Field(25, ge=1, le=MAX_STEPS)
     guidance_scale: Guidance = 7.5
     width: Size = 512
     height: Size = 512
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    images_per_prompt: int = Field(1, ge=1, le=10_000)
-    negative_prompt: str = ""
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
+    images_per_prompt: Int = Field(1, ge=1, le=10_000)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     strength: Strength = 0.75
 
 
 class ComputeSpec(_Strict):
-    actors: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)
-    gpus_per_actor: float = Field(0, ge=0, description="fractions share one GPU between actors")
+    actors: Int = Field(1, ge=1)
+    batch_size: Int = Field(8, ge=1)
+    gpus_per_actor: Float = Field(0, ge=0, allow_inf_nan=False,
+                                  description="fractions share one GPU between actors")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     compile: bool = False
 
@@ -99,30 +146,75 @@ class ComputeSpec(_Strict):
 class StorageSpec(_Strict):
     """Where S3-compatible stores live; credentials come from the AWS environment only."""
 
-    endpoint_url: str | None = None
+    endpoint_url: Annotated[str | None, _no_userinfo("storage.endpoint_url")] = None
     region: str | None = None
 
 
 class JobSpec(_Strict):
     name: str = Field("job", min_length=1)
-    model: str = Field("builtin:shapes", min_length=1)
+    model: Annotated[str, _no_userinfo("model")] = Field("builtin:shapes", min_length=1)
     input: InputSpec
     output: OutputSpec
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    # Dotted paths of the URL fields whose credentials were dropped (see _no_userinfo).
+    _credentials_dropped: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_dropped_credentials(cls, data: Any, handler: Any) -> JobSpec:
+        spec = handler(data)
+        if isinstance(data, dict):
+            spec._credentials_dropped = frozenset(
+                path for path in URL_FIELDS
+                if isinstance(value := _lookup(data, path), str) and _URL_USERINFO.match(value))
+        return spec
 
     def public_dict(self) -> dict[str, Any]:
-        """The resolved spec for the manifest, with credentials inside URLs redacted."""
-        return _redact(self.model_dump(mode="json"))
+        """The resolved spec for the manifest: no credentials, and `***@` where some were
+        given in a URL and dropped, so a reader of the manifest sees that they were."""
+        public = _redact(self.model_dump(mode="json"))
+        for path in self._credentials_dropped:
+            section, _, key = path.rpartition(".")
+            node = public.get(section, {}) if section else public
+            if isinstance(node.get(key), str):
+                node[key] = _SCHEME.sub(lambda m: m.group(1) + "***@", node[key], count=1)
+        return public
 
 
-_URL_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+URL_FIELDS = ("model", "input.path", "output.path", "storage.endpoint_url")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)")
 
 
-def redact_url(text: str) -> str:
+def _lookup(data: dict, path: str) -> Any:
+    node: Any = data
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+_URL_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+# The same anywhere in a text (error messages quote URLs inside sentences and quotes).
+_URL_USERINFO_ANYWHERE = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s\"'<>]*@")
+# Environment variables whose values are secrets; they must never reach a message.
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_MIN_SECRET_CHARS = 8  # shorter values (test dummies like "testing") would mangle words
+
+
+def redact_url(text: str, replacement: str = "***@") -> str:
     """`https://user:secret@host/x` -> `https://***@host/x`; anything else unchanged."""
-    return _URL_USERINFO.sub(r"\1***@", text)
+    return _URL_USERINFO.sub(lambda m: m.group(1) + replacement, text)
+
+
+def redact_text(text: str) -> str:
+    """A message made safe to show: URL userinfo and secret env values become `***`."""
+    text = _URL_USERINFO_ANYWHERE.sub(lambda m: m.group(1) + "***@", text)
+    for name in SECRET_VARIABLES:
+        secret = os.environ.get(name, "")
+        if len(secret) >= _MIN_SECRET_CHARS:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _redact(value: Any) -> Any:
@@ -130,7 +222,7 @@ def _redact(value: Any) -> Any:
         return {k: _redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v) for v in value]
-    return redact_url(value) if isinstance(value, str) else value
+    return redact_text(value) if isinstance(value, str) else value
 
 
 def _format_errors(error: ValidationError) -> str:

@@ -3,14 +3,19 @@
 A ShardWorker loads the pipeline once and serves many shards (a Ray actor holds one).
 Encoding runs in a thread beside generation so the accelerator does not wait for zlib.
 Same input + spec -> same bytes under the same name, so retries and resumes are safe.
+
+A row the pipeline cannot serve becomes a rejection with a reason, never a lost row or a
+made-up image: a batch that fails with ValueError (a value the pipeline refuses) or
+FloatingPointError (NaN or infinite latents, which the pipeline refuses to decode into a
+black image) is retried one image at a time, so only the bad row is rejected.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import socket
+import stat
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,13 +24,19 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from .images import encode, parameters_text
+from .images import decode_init_image, encode, parameters_text
 from .plan import ShardPlan, shard_path
 from .readers import conform, read_slice, unify
 from .rows import ImageTask, Rejection, batches, check_rows
 from .sinks import IMAGE_FIELDS, SINKS, commit_shard, errors_table, passthrough_columns
-from .spec import JobSpec
+from .spec import JobSpec, redact_text
 from .storage import open_storage
+
+# Errors of one generation call that concern its rows, not the worker: the pipeline's
+# ValueError for a value it refuses, FloatingPointError for NaN/infinite latents.
+ROW_ERRORS = (ValueError, FloatingPointError)
+# An init image file larger than this is refused before it is read into memory.
+MAX_INIT_IMAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -46,6 +57,19 @@ def model_tag(pipeline: Any) -> str:
         content_hash = f"sha256:{content_hash}"
     name = str(getattr(pipeline, "name", "model"))
     return f"{name}@{content_hash}" if content_hash else name
+
+
+def _check_local_image_file(path: str) -> None:
+    """Refuse what must not be read whole: devices, FIFOs (/dev/zero) and huge files."""
+    local = path[len("file://"):] if path.startswith("file://") else path
+    try:
+        info = os.stat(local)
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read: {error.strerror or error}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    if info.st_size > MAX_INIT_IMAGE_BYTES:
+        raise ValueError(f"{path}: {info.st_size} bytes, more than {MAX_INIT_IMAGE_BYTES}")
 
 
 class ShardWorker:
@@ -82,18 +106,21 @@ class ShardWorker:
 
         def load(value: Any, position: int) -> Image.Image:
             if isinstance(value, str):
+                if "\x00" in value:
+                    raise ValueError("path contains a NUL character")
                 if "://" not in value and not os.path.isabs(value):
                     # Relative paths are relative to the input file that names them.
                     source = sources[position]
                     folder = source.rsplit("/", 1)[0] if "/" in source else "."
                     value = f"{folder}/{value}"
+                if "://" not in value or value.startswith("file://"):
+                    _check_local_image_file(value)
                 data = open_storage(value, spec.storage).read_bytes(value)
             elif isinstance(value, (bytes, bytearray)):
                 data = bytes(value)
             else:
                 raise ValueError(f"expected image bytes or a path, got {type(value).__name__}")
-            with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
+            return decode_init_image(data)
 
         return load
 
@@ -129,12 +156,12 @@ class ShardWorker:
         for batch in batches(tasks, self.spec.compute.batch_size):
             try:
                 results = [(batch, self._generate(batch))]
-            except ValueError:
+            except ROW_ERRORS:
                 results = []
                 for task in batch:
                     try:
                         results.append(([task], self._generate([task])))
-                    except ValueError as error:
+                    except ROW_ERRORS as error:
                         failed.setdefault(task.row, f"generation: {error}")
             for done, images in results:
                 for task, image in zip(done, images):
@@ -154,7 +181,9 @@ class ShardWorker:
         for task in tasks:
             ids_by_row.setdefault(task.row, task.id)  # a row's first image carries its own id
         rejected += [Rejection(row, ids_by_row.get(row), reason) for row, reason in failed.items()]
-        rejected.sort(key=lambda r: r.row)
+        # Reasons quote paths and library messages: keep credentials out of errors.parquet.
+        rejected = sorted((Rejection(r.row, r.id, redact_text(r.reason)) for r in rejected),
+                          key=lambda r: r.row)
 
         kept = [(i, task) for i, task in enumerate(tasks) if task.row not in failed]
         images = [encoded[i].result() for i, _ in kept]

@@ -127,3 +127,60 @@ def test_plan_reads_s3_input(s3_server, tmp_path):
     assert plan.input_rows == 3
     assert [s.path for s in plan.shards[0].slices] == [f"s3://{bucket}/in/a.parquet",
                                                        f"s3://{bucket}/in/b.parquet"]
+
+
+def test_duplicates_land_in_their_own_shards(tmp_path):
+    # Many repeats over many shards: each shard carries exactly the repeats in its range.
+    ids = [f"k{i % 7}" for i in range(60)]
+    write_parquet(tmp_path / "a.parquet", ["p"] * 60, id=ids)
+    plan = make_plan(make_spec(tmp_path / "a.parquet", tmp_path / "out",
+                               output={"rows_per_shard": 8}))
+    for shard in plan.shards:
+        start = shard.slices[0].offset
+        assert [row for row, _ in shard.duplicates] == [
+            r for r in range(start, start + shard.rows) if r >= 7]
+        assert all(first == row % 7 for row, first in shard.duplicates)
+
+
+def test_generated_suffix_clashes_found_at_planning(tmp_path):
+    write_parquet(tmp_path / "a.parquet", ["p"] * 3, id=["a", "b-2", "c-1"])
+    write_parquet(tmp_path / "b.parquet", ["p"] * 4, id=["b", "a-1", "a-3", "c"])
+    spec = make_spec(tmp_path, tmp_path / "out", output={"rows_per_shard": 3},
+                     sampling={"images_per_prompt": 3})
+    found = dict(pair for shard in make_plan(spec).shards for pair in shard.duplicates)
+    # b (row 3) makes b-2 (row 1); a-1 (row 4) is made by a (row 0); c (row 6) makes c-1
+    # (row 2); a-3 is past images_per_prompt 3 and clashes with nothing.
+    assert found == {3: 1, 4: 0, 6: 2}
+    single = make_spec(tmp_path, tmp_path / "out", output={"rows_per_shard": 3})
+    assert all(not shard.duplicates for shard in make_plan(single).shards)
+
+
+def test_empty_input_and_text_column_types(tmp_path, fake_pipeline):
+    from jobs.worker import ShardWorker
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), folder / "empty.parquet")
+    with pytest.raises(InputError, match=r"^input.path: .*holds no rows"):
+        make_plan(make_spec(folder / "empty.parquet", tmp_path / "out"))
+    # An empty file among others is fine.
+    write_parquet(folder / "full.parquet", ["a", "b"])
+    assert make_plan(make_spec(folder, tmp_path / "out")).input_rows == 2
+    # A categorical (dictionary-encoded) prompt column, as pandas writes it, is text.
+    prompts = pa.array(["x", "y", "x"]).dictionary_encode()
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "cats.parquet")
+    spec = make_spec(tmp_path / "cats.parquet", tmp_path / "cats",
+                     sampling={"width": 16, "height": 16, "steps": 2})
+    plan = make_plan(spec)
+    assert plan.input_rows == 3 and pa.types.is_dictionary(plan.schema.field("prompt").type)
+    result = ShardWorker(spec, pipeline=fake_pipeline).run(plan.shards[0])
+    assert (result.generated, result.rejected) == (3, 0)
+    assert fake_pipeline.calls[0]["prompts"] == ["x", "y", "x"]
+
+
+def test_storage_errors_name_the_field(s3_server, tmp_path):
+    with pytest.raises(InputError, match=r"^input.path: .*bucket 'no-such-in' does not exist"):
+        make_plan(make_spec("s3://no-such-in/prompts/", tmp_path / "out"))
+    write_parquet(tmp_path / "a.parquet", ["a"])
+    with pytest.raises(SpecError, match=r"^output.path: .*bucket 'no-such-out' does not exist"):
+        make_plan(make_spec(tmp_path / "a.parquet", "s3://no-such-out/run"))

@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from jobs.spec import JobSpec, SpecError, load_spec, parse_spec, redact_url, spec_schema
+from jobs.spec import (
+    JobSpec,
+    SpecError,
+    load_spec,
+    parse_spec,
+    redact_text,
+    redact_url,
+    spec_schema,
+)
 
 BASE = {"input": {"path": "in.parquet"}, "output": {"path": "out"}}
 
@@ -109,8 +117,65 @@ def test_schema_and_redaction():
     assert "input" in schema["properties"] and "sampling" in schema["properties"]
     assert redact_url("https://user:pw@minio:9000/x") == "https://***@minio:9000/x"
     assert redact_url("s3://bucket/key") == "s3://bucket/key"
-    spec = parse_spec({**BASE, "storage": {"endpoint_url": "http://ak:sk@h:9000"},
-                       "model": "s3://k:s@bucket/model.safetensors"})
-    public = json.dumps(spec.public_dict())
-    assert "sk" not in public.replace("sampling", "") and "***@h:9000" in public
+    assert redact_text('failed: "http://AK:S3CRET#x@h:1/b?q=1" and s3://a:b@c/d') == (
+        'failed: "http://***@h:1/b?q=1" and s3://***@c/d')
+
+
+def test_credentials_in_urls_are_dropped_from_the_spec():
+    # Credentials come from the AWS environment only: userinfo never enters the spec, so it
+    # cannot reach workers, the manifest, the Ray Jobs entrypoint or an error message.
+    with pytest.warns(UserWarning) as warned:
+        spec = parse_spec({**BASE, "storage": {"endpoint_url": "http://ak:SECRETKEY@h:9000"},
+                           "model": "s3://k:SECRETKEY@bucket/model.safetensors",
+                           "input": {"path": "s3://k:SECRETKEY@bucket/in/"},
+                           "output": {"path": "s3://k:SECRETKEY@bucket/out"}})
+    messages = sorted(str(w.message).split(":")[0] for w in warned)
+    assert messages == ["input.path", "model", "output.path", "storage.endpoint_url"]
+    assert all("SECRETKEY" not in str(w.message) for w in warned)
+    assert spec.storage.endpoint_url == "http://h:9000"
+    assert spec.model == "s3://bucket/model.safetensors"
+    assert (spec.input.path, spec.output.path) == ("s3://bucket/in/", "s3://bucket/out")
+    assert "SECRETKEY" not in json.dumps(spec.model_dump()) + json.dumps(spec.public_dict())
+    # The manifest's copy shows that credentials were given, and dropped.
+    public = spec.public_dict()
+    assert public["storage"]["endpoint_url"] == "http://***@h:9000"
+    assert public["input"]["path"] == "s3://***@bucket/in/"
+    assert parse_spec(BASE).public_dict()["input"]["path"] == "in.parquet"
+    # Plain paths that merely contain '@' are left alone.
+    assert parse_spec({**BASE, "output": {"path": "out/a@b"}}).output.path == "out/a@b"
     assert isinstance(spec, JobSpec)
+
+
+def test_secret_environment_values_are_redacted(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEFAKETOKEN")
+    text = "denied for wJalrXUtnFEMI/K7MDENG with token FwoGZXIvYXdzEFAKETOKEN"
+    assert redact_text(text) == "denied for *** with token ***"
+    spec = parse_spec({**BASE, "name": "job-wJalrXUtnFEMI/K7MDENG"})
+    assert "wJalrXUtnFEMI" not in json.dumps(spec.public_dict())
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("sampling", {"steps": True}, "sampling.steps: must be a number, not a boolean"),
+    ("sampling", {"guidance_scale": True}, "sampling.guidance_scale: must be a number"),
+    ("compute", {"actors": "yes"}, "compute.actors: Input should be a valid integer"),
+    ("compute", {"gpus_per_actor": float("inf")}, "compute.gpus_per_actor: Input should be a "
+     "finite number"),
+    ("sampling", {"seed": 2**64 + 1}, "sampling.seed: Input should be less than or equal to"),
+    ("sampling", {"seed": 1.5}, "sampling.seed: Input should be a valid integer"),
+    ("sampling", {"steps": 1_000_000}, "sampling.steps: Input should be less than or equal"),
+    ("sampling", {"width": 100_000}, "sampling.width: must be a multiple of 8"),
+    ("sampling", {"negative_prompt": "x" * 10_001}, "sampling.negative_prompt: String should "
+     "have at most 10000 characters"),
+    ("sampling", {"negative_prompt": 5}, "sampling.negative_prompt: Input should be a valid"),
+    ("sampling", [1, 2], "sampling: Input should be a valid dictionary"),
+    ("input", "prompts.parquet", "input: Input should be a valid dictionary"),
+    ("output", {"path": ""}, "output.path: String should have at least 1 character"),
+    ("input", {"path": "a.parquet", "promt_column": "text"}, "input.promt_column: unknown field"),
+])
+def test_wrong_types_name_the_field(section, values, message):
+    data = {**BASE, section: values if not isinstance(values, dict)
+            else {**BASE.get(section, {}), **values}}
+    with pytest.raises(SpecError) as caught:
+        parse_spec(data)
+    assert message in str(caught.value)

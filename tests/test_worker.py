@@ -74,7 +74,7 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path, fake_pipeline):
         "steps0": "steps: must be between 1 and 1000", "nan": "guidance_scale: must be a finite",
         "w7": "width: must be a multiple of 8", "sampler": "sampler: unknown sampler 'heun'",
         "strength": "strength: must be in (0, 1]", "seed": "seed: must be between 0",
-        "badimg": "init_image: cannot identify image file",
+        "badimg": "init_image: not a readable image",
         "refused": "generation: prompts: refused by the fake pipeline",
     }
     for key, start in expected.items():

@@ -1,0 +1,130 @@
+"""How much memory and time does planning (what `ldm-jobs validate` runs) take per input size?
+
+Writes Parquet prompt tables of 10k, 100k and 1M rows (to a temporary folder), then plans
+each in a fresh Python process (so one size's peak cannot hide another's) and prints the
+process's peak RSS (`resource.getrusage(...).ru_maxrss`) and the time of `make_plan`
+plus `Plan.describe`. Two inputs per size: unique ids, and ids of which 10% repeat an
+earlier one (planning reads the id column to find repeats: the heaviest part).
+
+    .venv/bin/python benchmarks/plan_memory.py [--sizes 10000 100000 1000000]
+
+Target: under 1 GB peak at 1M rows. Planning reads Parquet footers and the id column
+only; shards are row ranges, never rows.
+
+The driver script itself imports only the standard library and writes the inputs in a
+subprocess too: on Linux a child's ru_maxrss starts from its parent's RSS at fork, so a
+parent holding a million-row table would inflate every figure. VmHWM (the child's own
+high-water mark from /proc) is printed beside it as a cross-check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs in the fresh process: imports first (their RSS is reported apart), then the plan.
+CHILD = r"""
+import json, resource, sys, time
+args = json.loads(sys.argv[1])
+sys.path.insert(0, args["root"])
+from jobs.plan import make_plan
+from jobs.spec import parse_spec
+
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+def hwm_mb():
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+imported = rss_mb()
+spec = parse_spec({"input": {"path": args["input"]}, "output": {"path": args["output"]},
+                   "sampling": {"width": 64, "height": 64}})
+started = time.perf_counter()
+plan = make_plan(spec)
+text = plan.describe()
+seconds = time.perf_counter() - started
+print(json.dumps({"rows": plan.input_rows, "shards": len(plan.shards),
+                  "duplicates": sum(len(s.duplicates) for s in plan.shards),
+                  "seconds": seconds, "import_mb": imported, "peak_mb": rss_mb(),
+                  "hwm_mb": hwm_mb()}))
+"""
+
+
+def write_input(path: Path, rows: int, duplicate_share: float) -> None:
+    """`rows` prompts of ~60 characters with ids; a share of ids repeat earlier ones."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    index = np.arange(rows, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    key = index.copy()
+    repeat = rng.random(rows) < duplicate_share
+    repeat[0] = False
+    key[repeat] = (rng.random(int(repeat.sum())) * index[repeat]).astype(np.int64)
+    ids = pc.binary_join_element_wise("row-", pc.cast(pa.array(key), pa.string()), "")
+    prompts = pc.binary_join_element_wise(
+        "a photograph of object number ", pc.cast(pa.array(index), pa.string()),
+        ", studio lighting, 50mm", "")
+    table = pa.table({"id": ids, "prompt": prompts,
+                      "seed": pa.array(index % 1000, pa.int64())})
+    pq.write_table(table, path, row_group_size=64 * 1024)
+
+
+def write_in_subprocess(path: Path, rows: int, duplicate_share: float) -> None:
+    subprocess.run([sys.executable, __file__, "--write", str(path), str(rows),
+                    str(duplicate_share)], check=True)
+
+
+def measure(root: Path, input_path: Path) -> dict:
+    args = {"root": str(ROOT), "input": str(input_path), "output": str(root / "out")}
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"planning {input_path} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--write", nargs=3, metavar=("PATH", "ROWS", "SHARE"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.write:
+        write_input(Path(args.write[0]), int(args.write[1]), float(args.write[2]))
+        return
+    header = (f"{'rows':>9}  {'ids':<12} {'shards':>6} {'repeats':>8} {'plan s':>7} "
+              f"{'import MB':>9} {'peak MB':>8} {'VmHWM MB':>8}")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory(prefix="plan-memory-") as folder:
+        root = Path(folder)
+        for rows in args.sizes:
+            for label, share in (("unique", 0.0), ("10% repeat", 0.10)):
+                path = root / f"in-{rows}-{int(share * 100)}.parquet"
+                write_in_subprocess(path, rows, share)
+                result = measure(root, path)
+                assert result["rows"] == rows
+                print(f"{rows:>9}  {label:<12} {result['shards']:>6} {result['duplicates']:>8} "
+                      f"{result['seconds']:>7.2f} {result['import_mb']:>9.0f} "
+                      f"{result['peak_mb']:>8.0f} {result['hwm_mb']:>8.0f}", flush=True)
+                path.unlink()
+
+
+if __name__ == "__main__":
+    main()
