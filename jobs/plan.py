@@ -8,8 +8,10 @@ the plan of a million-row input is a few thousand small objects (see
 benchmarks/plan_memory.py).
 
 Everything wrong with the input that planning can see (no such file or bucket, a file
-that is not Parquet, no prompt column, no rows at all) is an InputError or SpecError
-naming the field, raised before any work starts; the CLI exits 2 on it.
+that is not Parquet, no prompt column, no rows at all, an id column whose data cannot be
+decoded) is an InputError or SpecError naming the field, raised before any work starts;
+the CLI exits 2 on it. Corrupt data in the other columns is found only by the worker
+that reads it, which rejects those rows (see `jobs.readers.read_slice_checked`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from .readers import InputError, InputFile, describe_file, list_input_files, read_slice, unify
+from .readers import (
+    InputError,
+    InputFile,
+    describe_file,
+    list_input_files,
+    read_parquet_column,
+    read_slice,
+    unify,
+)
 from .rows import OVERRIDE_COLUMNS
 from .spec import JobSpec, SpecError, redact_text
 from .storage import Storage, StorageError, open_storage
@@ -147,9 +156,11 @@ def _read_ids(storage: Storage, info: InputFile, id_column: str, prompt_column: 
     if not info.rows:
         return pa.array([], pa.string())
     if info.path.endswith(".parquet"):
+        # The one place planning reads row data: a corrupt id column stops the job here,
+        # naming the file and rows, since without ids its rows could not be accounted for.
         fs = storage.arrow_filesystem()
-        parquet = pq.ParquetFile(fs.open_input_file(storage.arrow_path(info.path)))
-        column = parquet.read(columns=[id_column]).column(0)
+        column = read_parquet_column(fs.open_input_file(storage.arrow_path(info.path)),
+                                     info.path, id_column)
     else:
         column = read_slice(storage, info.path, 0, info.rows, prompt_column).column(id_column)
     try:

@@ -30,9 +30,9 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from jobs import sinks
-from jobs.plan import Plan, ShardPlan, make_plan
+from jobs.plan import ForeignOutputError, Plan, ShardPlan, make_plan
 from jobs.progress import Progress
-from jobs.spec import JobSpec, SpecError
+from jobs.spec import JobSpec
 from jobs.worker import ShardResult, ShardWorker
 
 # A shard gets this many attempts in all (first try included) before the job fails.
@@ -301,13 +301,13 @@ def _check_before_clearing(spec: JobSpec) -> None:
     """Plan once before --overwrite deletes anything, so a bad input keeps the old output.
 
     The one planning error to let through is the output holding another job's shards:
-    that is what --overwrite is for.
+    that is what --overwrite is for. Every other output.path error (a missing bucket,
+    access denied) is raised, before anything is deleted.
     """
     try:
         make_plan(spec)
-    except SpecError as error:
-        if not str(error).startswith("output.path:"):
-            raise
+    except ForeignOutputError:
+        pass
 
 
 def _committed_rows(plan: Plan) -> int:

@@ -103,6 +103,11 @@ class Storage:
         """A seekable file for pyarrow readers (Parquet reads only the ranges it needs)."""
         return self.arrow_filesystem().open_input_file(self.arrow_path(path))
 
+    def version(self, path: str) -> Any:
+        """What changes when the file does (size and modification time, ETag on S3), for
+        caches; None where unknown (nothing is cached then)."""
+        return None
+
 
 class LocalStorage(Storage):
     scheme = "file"
@@ -147,6 +152,15 @@ class LocalStorage(Storage):
     def exists(self, path: str) -> bool:
         return os.path.isfile(_local(path))
 
+    def version(self, path: str) -> Any:
+        try:
+            info = os.stat(_local(path))
+        except FileNotFoundError:
+            raise NotFoundError(f"{path}: no such file") from None
+        except OSError as error:
+            raise StorageError(f"{path}: cannot read: {error.strerror or error}") from None
+        return (info.st_size, info.st_mtime_ns, info.st_ino)
+
     def is_dir(self, path: str) -> bool:
         return os.path.isdir(_local(path))
 
@@ -180,11 +194,29 @@ def split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # most specific first
+_warned_endpoint_userinfo: set[str] = set()
+
+
 def resolve_endpoint(storage_spec: StorageSpec | None) -> str | None:
-    """The spec's endpoint, else the variables boto3 itself reads, most specific first."""
+    """The spec's endpoint, else the variables boto3 itself reads, most specific first.
+
+    Never with URL userinfo: `http://user:secret@host:9000` from the environment becomes
+    `http://host:9000`, as the spec's endpoint does (S3 signs requests with the AWS
+    credentials, never with userinfo), so the secret cannot reach a message or a log.
+    """
     if storage_spec is not None and storage_spec.endpoint_url:
-        return storage_spec.endpoint_url
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        return strip_userinfo(storage_spec.endpoint_url)
+    for name in ENDPOINT_VARIABLES:
+        value = os.environ.get(name)
+        if value:
+            stripped = strip_userinfo(value)
+            if stripped != value and name not in _warned_endpoint_userinfo:
+                _warned_endpoint_userinfo.add(name)
+                log.warning("%s: credentials in the URL were ignored; they come from the AWS "
+                            "environment only (AWS_ACCESS_KEY_ID, ...)", name)
+            return stripped
+    return None
 
 
 @dataclass(frozen=True)
@@ -292,13 +324,21 @@ def scrub(text: str) -> str:
     return _SIGNED_QUERY.sub(r"\1***", text)
 
 
-def _without_userinfo(url: str | None) -> str | None:
+_AUTHORITY = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)?(?P<authority>[^/?#]*)")
+
+
+def strip_userinfo(url: str | None) -> str | None:
     """An endpoint URL without `user:password@`: S3 signs requests with the AWS
-    credentials, never with URL userinfo, and it must not reach a message or a log."""
+    credentials, never with URL userinfo, and it must not reach a message or a log.
+    A value without a scheme (`user:secret@host:9000`) loses its userinfo too."""
     if not url or "@" not in url:
         return url
-    parsed = urlparse(url)
-    return parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+    match = _AUTHORITY.match(url)
+    authority = match.group("authority")
+    if "@" not in authority:
+        return url
+    return (match.group("scheme") or "") + authority.rpartition("@")[2] + url[match.end():]
+
 
 
 class S3Storage(Storage):
@@ -309,7 +349,7 @@ class S3Storage(Storage):
         import boto3
         from botocore.config import Config
 
-        self.endpoint_url = _without_userinfo(endpoint_url)
+        self.endpoint_url = strip_userinfo(endpoint_url)
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get(
             "AWS_DEFAULT_REGION") or "us-east-1"
         self.policy = policy or RetryPolicy.current()
@@ -407,6 +447,11 @@ class S3Storage(Storage):
         bucket, key = split_s3(path)
         return self._call("read", bucket, key,
                           lambda: self.client.head_object(Bucket=bucket, Key=key))
+
+    def version(self, path: str) -> Any:
+        meta = self.head(path)
+        return (int(meta.get("ContentLength", -1)), str(meta.get("LastModified", "")),
+                meta.get("ETag"))
 
     def write_atomic(self, path: str, data: bytes) -> None:
         bucket, key = split_s3(path)

@@ -7,7 +7,10 @@ Same input + spec -> same bytes under the same name, so retries and resumes are 
 A row the pipeline cannot serve becomes a rejection with a reason, never a lost row or a
 made-up image: a batch that fails with ValueError (a value the pipeline refuses) or
 FloatingPointError (NaN or infinite latents, which the pipeline refuses to decode into a
-black image) is retried one image at a time, so only the bad row is rejected.
+black image) is retried one image at a time, so only the bad row is rejected. Rows of a
+Parquet file whose data cannot be decoded (a corrupt column chunk) are rejected too, with
+the file, the rows and the decode error as the reason; a failure to *fetch* the input
+(a storage or connection error) still fails the shard, which is then retried.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from PIL import Image
 
 from .images import decode_init_image, encode, parameters_text
 from .plan import ShardPlan, shard_path
-from .readers import conform, read_slice, unify
-from .rows import ImageTask, Rejection, batches, check_rows
+from .readers import conform, read_slice_checked, unify
+from .rows import ImageTask, Rejection, batches, check_rows, row_id
 from .sinks import IMAGE_FIELDS, SINKS, commit_shard, errors_table, passthrough_columns
 from .spec import JobSpec, redact_text
 from .storage import open_storage
@@ -89,22 +92,50 @@ class ShardWorker:
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
 
     # ---- reading -------------------------------------------------------------------------
-    def _read(self, shard: ShardPlan) -> tuple[pa.Table, list[int], list[str]]:
-        """The shard's input rows, their global indices and the file each came from."""
+    def _read(self, shard: ShardPlan) -> tuple[pa.Table, list[int], list[str], dict[int, str]]:
+        """The shard's input rows, their global indices, the file each came from, and
+        {shard row: reason} for rows whose data cannot be decoded (their table row holds
+        what could be read, nulls for the rest)."""
         prompt_column = self.spec.input.prompt_column
-        parts = [read_slice(self.input_storage, s.path, s.first, s.count, prompt_column)
-                 for s in shard.slices]
+        parts, unreadable, position = [], {}, 0
+        for piece in shard.slices:
+            part, spans = read_slice_checked(self.input_storage, piece.path, piece.first,
+                                             piece.count, prompt_column)
+            for span in spans:
+                start = position + span.first - piece.first
+                unreadable.update((start + i, span.reason) for i in range(span.count))
+            parts.append(part)
+            position += piece.count
         schema = shard.schema or unify([part.schema for part in parts], self.spec.input.path)
         table = pa.concat_tables([conform(part, schema) for part in parts]) if parts \
             else schema.empty_table()
         global_rows = [s.offset + i for s in shard.slices for i in range(s.count)]
         sources = [s.path for s in shard.slices for _ in range(s.count)]
-        return table, global_rows, sources
+        return table, global_rows, sources, unreadable
 
-    def _init_image_loader(self, sources: list[str]):
+    def _unreadable_rejections(self, table: pa.Table, global_rows: list[int],
+                               id_column: str | None,
+                               unreadable: dict[int, str]) -> list[Rejection]:
+        """A rejection per undecodable row, with its id where the id could be read
+        (planning read the whole id column, so it can)."""
+        ids = table.column(id_column) if id_column and id_column in table.column_names else None
+        rejections = []
+        for row, reason in sorted(unreadable.items()):
+            try:
+                image_id = row_id(ids[row].as_py() if ids is not None else None,
+                                  global_rows[row], bool(id_column))
+            except ValueError:
+                image_id = None
+            rejections.append(Rejection(row, image_id, reason))
+        return rejections
+
+    def _init_image_loader(self, sources: list[str], skip: dict[int, str] | None = None):
         spec = self.spec
+        skip = skip or {}
 
         def load(value: Any, position: int) -> Image.Image:
+            if position in skip:  # an undecodable row: rejected anyway, fetch nothing for it
+                raise ValueError("row data cannot be decoded")
             if isinstance(value, str):
                 if "\x00" in value:
                     raise ValueError("path contains a NUL character")
@@ -172,10 +203,15 @@ class ShardWorker:
     def run(self, shard: ShardPlan) -> ShardResult:
         started = time.perf_counter()
         spec = self.spec
-        table, global_rows, sources = self._read(shard)
-        load = self._init_image_loader(sources)
+        table, global_rows, sources, unreadable = self._read(shard)
+        load = self._init_image_loader(sources, skip=unreadable)
         duplicates = dict(shard.duplicates)
         tasks, rejected = check_rows(table, spec, global_rows, shard.id_column, duplicates, load)
+        if unreadable:  # their data is lost: the decode error is their one reason
+            tasks = [task for task in tasks if task.row not in unreadable]
+            rejected = [r for r in rejected if r.row not in unreadable]
+            rejected += self._unreadable_rejections(table, global_rows, shard.id_column,
+                                                    unreadable)
         encoded, failed = self._generate_all(tasks)
         ids_by_row: dict[int, str] = {}
         for task in tasks:

@@ -172,7 +172,10 @@ def test_empty_input_and_text_column_types(tmp_path, fake_pipeline):
     spec = make_spec(tmp_path / "cats.parquet", tmp_path / "cats",
                      sampling={"width": 16, "height": 16, "steps": 2})
     plan = make_plan(spec)
-    assert plan.input_rows == 3 and pa.types.is_dictionary(plan.schema.field("prompt").type)
+    # Dictionary columns are planned as their value type (so files with and without
+    # categoricals merge); each file's own schema still says what it holds.
+    assert plan.input_rows == 3 and plan.schema.field("prompt").type == pa.string()
+    assert pa.types.is_dictionary(plan.files[0].schema.field("prompt").type)
     result = ShardWorker(spec, pipeline=fake_pipeline).run(plan.shards[0])
     assert (result.generated, result.rejected) == (3, 0)
     assert fake_pipeline.calls[0]["prompts"] == ["x", "y", "x"]
@@ -184,3 +187,63 @@ def test_storage_errors_name_the_field(s3_server, tmp_path):
     write_parquet(tmp_path / "a.parquet", ["a"])
     with pytest.raises(SpecError, match=r"^output.path: .*bucket 'no-such-out' does not exist"):
         make_plan(make_spec(tmp_path / "a.parquet", "s3://no-such-out/run"))
+
+
+def test_categorical_and_plain_columns_across_files(tmp_path, fake_pipeline):
+    from jobs.worker import ShardWorker
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    # As pandas writes a categorical column: dictionary<values=string> in Parquet.
+    pq.write_table(pa.table({"prompt": pa.array(["x", "y", "x", ""]).dictionary_encode(),
+                             "tag": pa.array(["t1", "t2", "t1", "t2"]).dictionary_encode()}),
+                   folder / "a.parquet")
+    pq.write_table(pa.table({"prompt": ["z", "w"], "tag": ["t3", None]}), folder / "b.parquet")
+    spec = make_spec(folder, tmp_path / "out", output={"rows_per_shard": 4},
+                     sampling={"width": 16, "height": 16, "steps": 2})
+    plan = make_plan(spec)
+    assert plan.input_rows == 6
+    assert plan.schema.field("prompt").type == pa.string()
+    assert plan.schema.field("tag").type == pa.string()
+    worker = ShardWorker(spec, pipeline=fake_pipeline)
+    results = [worker.run(shard) for shard in plan.shards]
+    assert [(r.generated, r.rejected) for r in results] == [(3, 1), (2, 0)]
+    tables = [pq.read_table(tmp_path / "out" / f"part-0000{i}.parquet") for i in (0, 1)]
+    assert [p for t in tables for p in t.column("prompt").to_pylist()] == ["x", "y", "x", "z",
+                                                                           "w"]
+    assert [p for t in tables for p in t.column("tag").to_pylist()] == ["t1", "t2", "t1", "t3",
+                                                                        None]
+    assert all(t.schema.field("tag").type == pa.string() for t in tables)
+    errors = pq.read_table(tmp_path / "out" / "_shards" / "part-00000.errors.parquet")
+    assert errors.column("prompt").to_pylist() == [""]
+    assert errors.column("tag").to_pylist() == ["t2"]
+
+
+def test_overwrite_lets_through_only_a_foreign_output(s3_server, tmp_path):
+    from jobs.plan import ForeignOutputError
+    from jobs.runner import _check_before_clearing, run_job
+
+    write_parquet(tmp_path / "a.parquet", ["a", "b", "c"])
+    # Another job's shards in the output: that is what --overwrite clears.
+    out = tmp_path / "out"
+    (out / "_shards").mkdir(parents=True)
+    (out / "_shards" / "part-00000.json").write_text(json.dumps(
+        {"name": "part-00000", "fingerprint": "another job"}))
+    spec = make_spec(tmp_path / "a.parquet", out)
+    with pytest.raises(ForeignOutputError):
+        make_plan(spec)
+    _check_before_clearing(spec)  # let through
+    # A missing output bucket is an output.path error too, but not one to clear away:
+    # it stops the job with its own message, before anything is deleted.
+    missing = make_spec(tmp_path / "a.parquet", "s3://no-such-out-bucket/run")
+    with pytest.raises(SpecError, match=r"^output.path: .*bucket 'no-such-out-bucket' does "
+                                        "not exist") as caught:
+        _check_before_clearing(missing)
+    assert not isinstance(caught.value, ForeignOutputError)
+    with pytest.raises(SpecError, match="bucket 'no-such-out-bucket' does not exist"):
+        run_job(missing, overwrite=True, progress=False)
+    # A bad input still stops --overwrite before it deletes the old output.
+    bad = make_spec(tmp_path / "none.parquet", out)
+    with pytest.raises(InputError, match="input not found"):
+        run_job(bad, overwrite=True, progress=False)
+    assert (out / "_shards" / "part-00000.json").exists()

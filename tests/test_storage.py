@@ -1,4 +1,5 @@
 import io
+import json
 import os
 
 import boto3
@@ -164,3 +165,84 @@ def test_retry_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("LDM_JOBS_S3_ATTEMPTS", "many")
     with pytest.raises(StorageError, match="LDM_JOBS_S3_ATTEMPTS='many'"):
         RetryPolicy.current()
+
+
+ENDPOINT_SECRET = "ENDPOINT-SECRET-0123456789"
+
+
+def test_endpoint_userinfo_from_the_environment_is_stripped(monkeypatch, caplog):
+    import jobs.storage
+
+    monkeypatch.setattr(jobs.storage, "_warned_endpoint_userinfo", set())
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://key:{ENDPOINT_SECRET}@generic:1/base")
+    with caplog.at_level("WARNING", logger="jobs.storage"):
+        assert resolve_endpoint(None) == "http://generic:1/base"
+        assert resolve_endpoint(None) == "http://generic:1/base"
+    assert [r.getMessage() for r in caplog.records] == [
+        "AWS_ENDPOINT_URL: credentials in the URL were ignored; they come from the AWS "
+        "environment only (AWS_ACCESS_KEY_ID, ...)"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"https://key:{ENDPOINT_SECRET}@s3only:2")
+    assert resolve_endpoint(None) == "https://s3only:2"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"key:{ENDPOINT_SECRET}@bare:3")  # no scheme
+    assert resolve_endpoint(None) == "bare:3"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://plain:4")
+    assert resolve_endpoint(None) == "http://plain:4"
+    assert ENDPOINT_SECRET not in caplog.text
+
+
+def test_endpoint_with_credentials_in_the_environment_leaks_nowhere(
+        s3_server, tmp_path, monkeypatch, caplog, capfd, fake_pipeline):
+    import logging
+
+    import jobs.storage
+    from jobs import sinks
+    from jobs.plan import make_plan
+    from jobs.readers import InputError
+    from jobs.spec import parse_spec
+    from jobs.worker import ShardWorker
+
+    monkeypatch.setattr(jobs.storage, "_warned_endpoint_userinfo", set())
+    host_port = s3_server.endpoint_url.split("://", 1)[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://AKIAFAKE:{ENDPOINT_SECRET}@{host_port}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://AKIAFAKE:{ENDPOINT_SECRET}@{host_port}")
+    caplog.set_level(logging.DEBUG)
+    bucket = s3_server.make_bucket()
+    storage = open_storage(f"s3://{bucket}/in")
+    assert storage.endpoint_url == s3_server.endpoint_url  # usable, without the userinfo
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"id": ["good", "bad"], "prompt": ["a red cube", ""]}), buffer)
+    storage.write_atomic(f"s3://{bucket}/in/in.parquet", buffer.getvalue())
+
+    def spec_for(input_path, output_path):
+        return parse_spec({"input": {"path": input_path}, "output": {"path": output_path},
+                           "sampling": {"width": 16, "height": 16, "steps": 2}})
+
+    spec = spec_for(f"s3://{bucket}/in/", f"s3://{bucket}/out")
+    plan = make_plan(spec)
+    worker = ShardWorker(spec, pipeline=fake_pipeline)
+    for shard in plan.shards:
+        worker.run(shard)
+    worker.close()
+    manifest = sinks.finalize(spec, plan, 1.0)
+    assert manifest["complete"] and manifest["counts"]["rejected"] == 1
+    for path in storage.list(f"s3://{bucket}/out"):  # everything the job wrote
+        assert ENDPOINT_SECRET.encode() not in storage.read_bytes(path), path
+    assert ENDPOINT_SECRET not in json.dumps(manifest)
+
+    messages = []
+    with pytest.raises(InputError) as caught:
+        make_plan(spec_for("s3://no-such-bucket-endpoint/in/", str(tmp_path / "out")))
+    messages.append(str(caught.value))
+    assert "bucket 'no-such-bucket-endpoint' does not exist" in messages[0]
+    monkeypatch.setenv("LDM_JOBS_S3_ATTEMPTS", "2")
+    monkeypatch.setenv("LDM_JOBS_S3_RETRY_BASE", "0")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://AKIAFAKE:{ENDPOINT_SECRET}@127.0.0.1:9")
+    with pytest.raises(StorageError) as caught:  # nothing listens there, retried, logged
+        open_storage("s3://b/k").read_bytes("s3://b/k")
+    messages.append(str(caught.value))
+    assert "127.0.0.1:9" in messages[1]
+    captured = capfd.readouterr()
+    for text in [*messages, caplog.text, captured.out, captured.err]:
+        assert ENDPOINT_SECRET not in text
+    assert "credentials in the URL were ignored" in caplog.text
