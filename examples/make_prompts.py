@@ -1,32 +1,31 @@
-"""Write examples/prompts.parquet: 64 varied prompts with ids (the demo job's input).
+"""Write examples/prompts.parquet: 64 captions for the built-in shapes model, with ids
+(the demo job's input).
 
     python examples/make_prompts.py [OUT.parquet]
 
-Deterministic: the same file every run, so the demo's output is reproducible.
+Deterministic: the same file every run, so the demo's output is reproducible. The
+captions are held out: none of them is in the model's training set.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SUBJECTS = [
-    "a red cube", "a blue sphere", "a green pyramid", "a yellow torus",
-    "a lighthouse on a cliff", "a cat sleeping on a windowsill", "an old oak tree",
-    "a bowl of ripe oranges",
-]
-SETTINGS = [
-    "on a white table, studio lighting", "at sunset, warm light", "in fog, soft shadows",
-    "under a starry night sky", "on a checkerboard floor", "in a watercolor painting",
-    "as a pixel-art sprite", "in the style of a 1970s travel poster",
-]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import shapes  # noqa: E402
 
 
 def prompts() -> pa.Table:
-    rows = [f"{subject} {setting}" for setting in SETTINGS for subject in SUBJECTS]
+    record = json.loads((ROOT / "model" / "builtin" / "shapes" / "training.json").read_text())
+    train = set(shapes.captions(record["pictures"], record["seed"]))
+    rows = [scene.caption for scene in shapes.held_out(64, seed=2026, exclude=train)]
     ids = [f"demo-{index:03d}" for index in range(len(rows))]
     return pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(rows, pa.string())})
 
