@@ -7,7 +7,6 @@ with the same measures the model's README reports.
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -123,28 +122,6 @@ def test_named_shapes_are_recognisable(figures):
 @pytest.mark.parametrize("run", ["ddim@5", "euler@5", "dpmpp_2m@5"])
 def test_samplers_meet_the_colour_bar(figures, run):
     assert figures[run]["colour_accuracy"] >= 0.8, figures[run]
-
-
-def test_position_follows_the_caption(pipe):
-    """Left vs right and top vs bottom: the shape's centre lands on the named side."""
-    prompts, sides = [], []
-    for k, (pos, side) in enumerate([("left", "x-"), ("right", "x+"), ("top", "y-"), ("bottom", "y+")] * 4):
-        colour, bg = ["red", "yellow", "blue", "white"][k % 4], ["black", "blue", "white", "green"][k % 4]
-        prompts.append(f"a large {colour} circle on the {pos}, {bg} background")
-        sides.append(side)
-    images = pipe.generate(prompts, list(range(500, 500 + len(prompts))), steps=20, guidance_scale=5.0,
-                           width=64, height=64)
-    right = 0
-    for image, side in zip(images, sides, strict=True):
-        pixels = np.asarray(image)
-        labels = shapes.nearest_colours(pixels)
-        bg = Counter(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]).tolist()).most_common(1)[0][0]
-        ys, xs = np.nonzero(labels != bg)
-        if len(xs) == 0:
-            continue
-        centre = xs.mean() if side[0] == "x" else ys.mean()
-        right += (centre < 32) if side[1] == "-" else (centre > 32)
-    assert right >= 13, f"{right}/16 shapes on the named side"
 
 
 def test_diffusers_draws_the_same_from_the_shipped_folder(pipe):
