@@ -127,12 +127,37 @@ class Upsample2D(nn.Module):
         return self.conv(x)
 
 
+# On the CPU, for small float32 problems, a plain batched matmul-softmax-matmul beats
+# SDPA's blocked (flash) kernel, whose fixed cost dominates when a whole score matrix
+# fits in cache: measured 1.6x on cross-attention over 77 text tokens (tiny model).
+# Above this many score elements the fused kernel's memory savings win; GPUs always use it.
+CPU_MATH_ATTENTION_MAX_SCORES = 1 << 20
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, T, head_dim) tensors."""
+    B, heads, T, d = q.shape
+    S = k.shape[2]
+    small = B * heads * T * S <= CPU_MATH_ATTENTION_MAX_SCORES
+    if q.device.type != "cpu" or q.dtype != torch.float32 or not small:
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = torch.baddbmm(
+        q.new_empty(B * heads, T, S), q.reshape(B * heads, T, d),
+        k.reshape(B * heads, S, d).transpose(1, 2), beta=0.0, alpha=d**-0.5,
+    )  # (B*heads, T, S)
+    return torch.bmm(scores.softmax(dim=-1), v.reshape(B * heads, S, d)).view(B, heads, T, d)
+
+
 class Attention(nn.Module):
     """Multi-head attention over tokens (B, T, C); cross-attention when ``context`` is given.
 
     ``bias=False`` is the UNet transformer's q/k/v; the VAE uses biases everywhere.
     ``upcast`` runs the attention product in float32 (SD 2.x's ``upcast_attention``), which
     keeps half-precision softmax from overflowing.
+
+    Cross-attention keys and values depend on the text alone, which stays the same for
+    every denoising step: ``cache_context`` computes them once for a given context tensor,
+    and ``forward`` reuses them whenever it is handed that very tensor again.
     """
 
     def __init__(
@@ -154,19 +179,33 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
         # a ModuleList so the key is ``to_out.0`` as in diffusers (index 1 was a dropout)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self._kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        # (B, T, inner) -> (B, heads, T, head_dim), in float32 when upcasting
+        B, T, inner = t.shape
+        t = t.float() if self.upcast else t
+        return t.view(B, T, self.heads, inner // self.heads).transpose(1, 2)
+
+    def _keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self._kv_cache
+        if cache is not None and cache[0] is context:
+            return cache[1], cache[2]
+        return self._heads(self.to_k(context)), self._heads(self.to_v(context))
+
+    def cache_context(self, context: torch.Tensor | None) -> None:
+        """Keep this context's keys and values until called again (None: drop them)."""
+        self._kv_cache = None
+        if context is not None:
+            self._kv_cache = (context, *self._keys_values(context))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q = self.to_q(x)
         out_dtype = q.dtype
-        if self.upcast:
-            q, k, v = q.float(), k.float(), v.float()
         B, T, inner = q.shape
-        # (B, T, inner) -> (B, heads, T, head_dim)
-        q, k, v = (
-            t.view(B, -1, self.heads, inner // self.heads).transpose(1, 2) for t in (q, k, v)
-        )
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
+        k, v = self._keys_values(context)
+        h = attention(self._heads(q), k, v)  # (B, heads, T, head_dim)
         h = h.transpose(1, 2).reshape(B, T, inner).to(out_dtype)
         return self.to_out[0](h)
 

@@ -9,7 +9,9 @@ its own row, never on its batch or machine.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,19 @@ from . import samplers as sampling
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SEED = 2**63 - 1
 MAX_SIDE = 4096
+# Distinct prompt strings whose text embeddings a pipeline keeps (an SD 1.x entry is
+# 77 x 768 values): a job's negative prompt, and prompts repeated across images, are
+# encoded once. 0 turns the cache off.
+TEXT_CACHE_SIZE = 128
+# Texts go through the encoder in groups of exactly this many rows (the last group padded),
+# so an embedding never depends on which other texts, or how many, were encoded with it:
+# with a cache, that would otherwise depend on what the pipeline served before (a retried
+# shard must give the same bytes; GEMM kernels may be chosen by batch size).
+TEXT_ENCODE_GROUP = 8
+# Images the VAE decodes at a time: its full-resolution activations dominate peak memory
+# (hundreds of MiB per 512x512 image in float32), and beyond a few images a larger batch
+# buys no speed. None decodes the whole batch at once.
+DECODE_CHUNK_SIZE = 4
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -76,6 +91,9 @@ class Pipeline:
         content_hash: str,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
+        text_cache_size: int = TEXT_CACHE_SIZE,
+        decode_chunk_size: int | None = DECODE_CHUNK_SIZE,
+        channels_last: bool | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -92,6 +110,39 @@ class Pipeline:
         self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
         self.latent_channels = int(getattr(unet.config, "in_channels", 4))
         self.vae_factor = int(vae.downsampling_factor)
+        self.text_cache_size = int(text_cache_size)
+        self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        if decode_chunk_size is not None and int(decode_chunk_size) < 1:
+            raise ValueError(f"decode_chunk_size={decode_chunk_size} must be None or >= 1")
+        self.decode_chunk_size = decode_chunk_size
+        # Channels-last convolutions measured faster on the CPU (oneDNN); on CUDA, PyTorch's
+        # GroupNorm makes its input contiguous, so every norm would convert layouts back
+        # and forth: off there unless asked for.
+        self.channels_last = False
+        self.set_channels_last(self.device.type == "cpu" if channels_last is None else channels_last)
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Run the UNet and VAE with channels-last (NHWC) weights and activations, or not."""
+        layout = torch.channels_last if enabled else torch.contiguous_format
+        for module in (self.unet, self.vae):
+            if isinstance(module, torch.nn.Module):
+                module.to(memory_format=layout)
+        self.channels_last = bool(enabled)
+
+    def clear_text_cache(self) -> None:
+        """Forget cached text embeddings (needed after changing the text encoder's weights
+        in place; a different encoder object or dtype gets its own entries anyway)."""
+        self._text_cache.clear()
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor moved to the pipeline's device; on CUDA through pinned memory and
+        without blocking, so the host keeps queueing work instead of waiting on the copy."""
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
 
     # ----------------------------------------------------------------- public API
     @torch.inference_mode()
@@ -200,8 +251,39 @@ class Pipeline:
 
     # ------------------------------------------------------------------- stages
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts).to(self.device)
-        return self.text_encoder(ids).to(self.dtype)  # (B, 77, D)
+        """Text embeddings (B, 77, D) in the pipeline's dtype.
+
+        Each distinct text is encoded once per call, and the last ``text_cache_size``
+        distinct texts are remembered (keyed by the text and the encoder, its dtype and
+        device), so a repeated prompt or negative prompt skips the text encoder.
+        """
+        texts = list(texts)
+        if self.text_cache_size <= 0:
+            return self._encode_texts(texts)
+        model_key = (id(self.text_encoder), self.content_hash, self.dtype, str(self.device))
+        found: dict[str, torch.Tensor] = {}
+        for text in dict.fromkeys(texts):
+            row = self._text_cache.get((model_key, text))
+            if row is not None:
+                self._text_cache.move_to_end((model_key, text))
+                found[text] = row
+        missing = [text for text in dict.fromkeys(texts) if text not in found]
+        if missing:
+            for text, row in zip(missing, self._encode_texts(missing)):
+                found[text] = row = row.clone()  # not a view that pins the whole batch
+                self._text_cache[(model_key, text)] = row
+            while len(self._text_cache) > self.text_cache_size:
+                self._text_cache.popitem(last=False)
+        return torch.stack([found[text] for text in texts])
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        groups = []
+        for i in range(0, len(texts), TEXT_ENCODE_GROUP):
+            group = texts[i : i + TEXT_ENCODE_GROUP]
+            padded = group + [group[-1]] * (TEXT_ENCODE_GROUP - len(group))
+            ids = self._to_device(self.tokenizer(padded))
+            groups.append(self.text_encoder(ids)[: len(group)])
+        return torch.cat(groups).to(self.dtype)  # (B, 77, D)
 
     def text_context(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet context for one call, and which rows are guided.
@@ -210,11 +292,10 @@ class Pipeline:
         scale <= 1 run the conditional branch alone, as diffusers does.
         """
         guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
-        cond = self.encode_text(request.prompts)
         if not bool(guided.any()):
-            return cond, guided
-        uncond = self.encode_text(request.negative_prompts)
-        return torch.cat([uncond, cond]), guided
+            return self.encode_text(request.prompts), guided
+        # one text-encoder pass over the prompts and negatives not cached yet
+        return self.encode_text([*request.negative_prompts, *request.prompts]), guided
 
     def initial_noise(self, generators: list[torch.Generator], shape: tuple) -> torch.Tensor:
         # One draw of batch 1 per sample from its own generator, in float32 on the CPU.
@@ -238,24 +319,31 @@ class Pipeline:
 
     def model_fn(self, context: torch.Tensor, guided: torch.Tensor, scales: torch.Tensor):
         """The raw UNet prediction with classifier-free guidance, for the sampler."""
-        any_guided = bool(guided.any())
-        guided = guided.to(self.device)
-        scales = scales.to(self.device)
+        any_guided, all_guided = bool(guided.any()), bool(guided.all())
+        guided = self._to_device(guided).view(-1, 1, 1, 1)
+        scales = self._to_device(scales).view(-1, 1, 1, 1)
 
         def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             batch = x_in.shape[0]
-            x_unet = torch.cat([x_in, x_in]) if any_guided else x_in
-            t = torch.as_tensor(t, device=self.device)
-            t = t.expand(batch) if t.ndim == 0 else t  # (B,)
-            t_unet = torch.cat([t, t]) if any_guided else t
-            out = self.unet(x_unet.to(self.device, self.dtype), t_unet, context).float()
+            x_unet = torch.cat([x_in, x_in]) if any_guided else x_in  # (2B or B, C, h, w)
+            x_unet = self._layout(x_unet.to(self.device, self.dtype))
+            out = self.unet(x_unet, self._timesteps(t, any_guided), context).float()
             if not any_guided:
                 return out
             uncond, cond = out[:batch], out[batch:]
-            mixed = uncond + scales.view(-1, 1, 1, 1) * (cond - uncond)
-            return torch.where(guided.view(-1, 1, 1, 1), mixed, cond)
+            mixed = uncond + scales * (cond - uncond)
+            return mixed if all_guided else torch.where(guided, mixed, cond)
 
         return predict
+
+    def _timesteps(self, t, doubled: bool) -> torch.Tensor:
+        """The UNet's timesteps on the device. One shared step stays a scalar: the UNet then
+        embeds it once, and it is made on the device from a number, with no host copy."""
+        t = torch.as_tensor(t)
+        if t.ndim == 0:
+            return torch.full((), float(t), dtype=torch.float32, device=self.device)
+        t = t.to(self.device)
+        return torch.cat([t, t]) if doubled else t
 
     def denoise(self, request: GenerationRequest) -> torch.Tensor:
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
@@ -263,38 +351,48 @@ class Pipeline:
         context, guided = self.text_context(request)
         scales = torch.tensor(request.guidance_scales, dtype=torch.float32)
         predict = self.model_fn(context, guided, scales)
-        if request.init_images is None:
-            noise = self.initial_noise(generators, shape).to(self.device)
-            return sampling.txt2img(
-                request.sampler, predict, noise, request.steps, self.schedule_config,
-                generators=generators,
+        cached = getattr(self.unet, "cached_context", None)
+        # every step attends to the same text: its keys and values are computed once
+        with cached(context) if cached is not None else contextlib.nullcontext():
+            if request.init_images is None:
+                noise = self._to_device(self.initial_noise(generators, shape))
+                return sampling.txt2img(
+                    request.sampler, predict, noise, request.steps, self.schedule_config,
+                    generators=generators,
+                )
+            mean, logvar = self.encode_images(request.init_images, request)
+            init_latents = torch.cat([
+                self.vae.sample(mean[i : i + 1], logvar[i : i + 1], generators[i])
+                for i in range(len(generators))
+            ]).float() * self.vae.scaling_factor
+            noise = self._to_device(self.initial_noise(generators, shape))
+            return sampling.img2img(
+                request.sampler, predict, init_latents, noise, request.steps, request.strength,
+                self.schedule_config, generators=generators,
             )
-        mean, logvar = self.encode_images(request.init_images, request)
-        init_latents = torch.cat([
-            self.vae.sample(mean[i : i + 1], logvar[i : i + 1], generators[i]) for i in range(len(generators))
-        ]).float() * self.vae.scaling_factor
-        noise = self.initial_noise(generators, shape).to(self.device)
-        return sampling.img2img(
-            request.sampler, predict, init_latents, noise, request.steps, request.strength,
-            self.schedule_config, generators=generators,
-        )
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         images = self.decode_to_array(latents)
         return [Image.fromarray(a) for a in images]
 
     def decode_to_array(self, latents: torch.Tensor) -> np.ndarray:
-        """uint8 images (B, H, W, 3); decoded again in float32 if half precision gave NaN."""
-        z = latents.to(self.device, torch.float32) / self.vae.scaling_factor
+        """uint8 images (B, H, W, 3), decoded ``decode_chunk_size`` images at a time."""
+        chunk = self.decode_chunk_size or latents.shape[0]
+        parts = [self._decode_chunk(latents[i : i + chunk]) for i in range(0, latents.shape[0], chunk)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _decode_chunk(self, latents: torch.Tensor) -> np.ndarray:
+        """Decoded again in float32 if half precision gave NaN; quantised to uint8 on the
+        device, so a quarter of the bytes cross back to the host."""
+        z = self._layout(latents.to(self.device, torch.float32) / self.vae.scaling_factor)
         pixels = self.vae.decode(z.to(self.vae_dtype)).float()
         if not torch.isfinite(pixels).all() and self.vae_dtype != torch.float32:
             pixels = self.vae.float().decode(z).float()
             self.vae.to(self.vae_dtype)
         if not torch.isfinite(pixels).all():
             raise FloatingPointError("the VAE decoded non-finite pixels (NaN or infinity)")
-        pixels = (pixels / 2 + 0.5).clamp(0, 1)
-        array = pixels.permute(0, 2, 3, 1).cpu().numpy()
-        return (array * 255).round().astype(np.uint8)
+        pixels = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return np.ascontiguousarray(pixels.permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
 
 
 def load_pipeline(

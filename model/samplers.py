@@ -60,7 +60,10 @@ def _randn(x: torch.Tensor, generators: Generators) -> torch.Tensor:
         torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=torch.float32)
         for g in generators
     ]
-    return torch.cat(rows).to(x.device)
+    noise = torch.cat(rows)
+    if x.device.type == "cuda":  # pinned, so the copy does not stall the queued steps
+        return noise.pin_memory().to(x.device, non_blocking=True)
+    return noise.to(x.device)
 
 
 # --------------------------------------------------------------------- the denoiser

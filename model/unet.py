@@ -7,6 +7,9 @@ match diffusers' keys, so a diffusers ``unet/`` state dict loads with ``strict=T
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,10 +78,18 @@ class Transformer2DModel(nn.Module):
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+        # (B, C, H, W), back in the layout the block was given: a channels-last input made
+        # the permutes above free views, and stays channels-last for the convs after it.
+        layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         if not self.linear:
             h = self.proj_out(h)
         return h + x
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous()
 
 
 def _resnet(cin: int, cout: int, config: UNetConfig, scale: float = 1.0) -> ResnetBlock2D:
@@ -206,16 +217,31 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, k_out, padding=(k_out - 1) // 2)
 
     def _time_embedding(self, timesteps, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """(B, D), or (1, D) when every sample shares one timestep: the sinusoid and MLP
+        then run once, and the resnets' (1, C, 1, 1) projections broadcast over the batch."""
         t = torch.as_tensor(timesteps, device=like.device)
         if t.ndim == 0:
             t = t[None]
         if t.ndim != 1 or t.shape[0] not in (1, batch):
             raise ValueError(f"timesteps has shape {tuple(t.shape)}; expected [] or [{batch}]")
-        t = t.expand(batch)
         c = self.config
         emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         # float32 sinusoids, then the MLP in the model's dtype
         return self.time_embedding(emb.to(like.dtype))
+
+    @contextlib.contextmanager
+    def cached_context(self, context: torch.Tensor) -> Iterator[None]:
+        """Within the block, cross-attention reuses keys and values computed once from
+        `context` (the same tensor object must be passed to every call): a sampler's
+        steps all attend to the same text."""
+        layers = [m.attn2 for m in self.modules() if isinstance(m, BasicTransformerBlock)]
+        try:
+            for attn in layers:
+                attn.cache_context(context)
+            yield
+        finally:
+            for attn in layers:
+                attn.cache_context(None)
 
     def forward(self, latents: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
         temb = self._time_embedding(timesteps, latents.shape[0], latents)

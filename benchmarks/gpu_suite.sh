@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite, for one H100/H200: ours vs diffusers' StableDiffusionPipeline on
+# the SD 1.5 shapes (random weights, built in code), 512x512, dpmpp_2m, guidance 7.5, SDPA:
+#   float16  batch 1 (+ ours without its text cache), 8 (+ ours channels-last),
+#            16 (+ ours decoding the batch at once), 30 steps
+#   bfloat16 batch 8, 30 steps
+# with images/s, UNet-loop s/step, peak memory, UNet TFLOP/s and MFU, ratios and a pixel
+# diff against diffusers. Sized to finish in under 4 minutes on an H100 (estimated, not yet
+# timed on one); a hard `timeout` (SUITE_TIMEOUT, 225 s) guards that, and rows are written
+# as each config finishes, so a cut-short run keeps what it measured.
+# The full grid (float16/bfloat16 x batch 1/4/8/16 x 30/50 steps) takes longer:
+#   python3 benchmarks/compare_diffusers.py --device cuda --out OUT_DIR/full_grid.md
+#
+# Usage (from anywhere):  benchmarks/gpu_suite.sh OUT_DIR
+# Needs python3 with torch (>= 2.4, CUDA) and transformers; diffusers is not installed here:
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# Writes OUT_DIR/environment.txt, OUT_DIR/compare_diffusers.md (the table) and
+# OUT_DIR/compare_diffusers.log (everything printed). Env: PYTHON (default python3),
+# PEAK_TFLOPS (default 989, H100/H200 SXM dense fp16/bf16), SUITE_TIMEOUT (default 225 s).
+set -uo pipefail
+
+OUT_DIR=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  "$PY" -c 'import sys, torch, diffusers, transformers; print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda, "| diffusers", diffusers.__version__, "| transformers", transformers.__version__); print(torch.cuda.get_device_name())'
+} >"$OUT_DIR/environment.txt" 2>&1
+cat "$OUT_DIR/environment.txt"
+
+timeout "${SUITE_TIMEOUT:-225}" "$PY" benchmarks/compare_diffusers.py --device cuda \
+  --configs float16:1:30:no-text-cache,float16:8:30:layout,float16:16:30:whole-decode,bfloat16:8:30 \
+  --repeats 3 --warmup 1 --peak-tflops "${PEAK_TFLOPS:-989}" \
+  --out "$OUT_DIR/compare_diffusers.md" 2>&1 | tee "$OUT_DIR/compare_diffusers.log"
+status=${PIPESTATUS[0]}
+if [ "$status" = 124 ]; then
+  echo "gpu_suite: stopped at the time limit; the rows above were measured" | tee -a "$OUT_DIR/compare_diffusers.log"
+fi
+echo "tables in $OUT_DIR"
+exit "$status"

@@ -1,0 +1,113 @@
+"""1 actor vs 2 (or more) actors on the same rows, through `python -m jobs run`.
+
+    python benchmarks/scaling.py                          # 128 prompts, tiny model, CPU actors
+    python benchmarks/scaling.py --gpus-per-actor 1 --model PATH --size 512 --steps 30
+
+Each actor count runs the same job (real shards written, local Ray), interleaved
+(1, 2, 1, 2, ...), medians reported. Two throughputs per run: images / the manifest's wall
+seconds (Ray start and model loads included) and images / the busiest actor's busy
+seconds (steady state: the actors work side by side, so the slowest one sets the pace).
+With --bare (CPU only), the bare pipeline in this process with 1 and with N torch threads
+as a reference: whether more actors or more threads use the cores better (on a machine
+whose cores are busy with other work, N > 1 threads can be pathologically slow: OpenMP
+spins waiting for its threads). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from job_overhead import job_spec, run_bare, run_job, task_rows, write_prompts  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rows-per-shard", type=int, default=16)
+    parser.add_argument("--actors", default="1,2", help="actor counts to compare")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--model", default="builtin:tiny-random")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bare", action="store_true",
+                        help="also time the bare pipeline in this process with 1..N threads")
+    args = parser.parse_args(argv)
+    counts = [int(c) for c in args.actors.split(",")]
+
+    work = Path(tempfile.mkdtemp(prefix="scaling-"))
+    input_path = work / "prompts.parquet"
+    write_prompts(input_path, args.rows)
+    specs = {}
+    for n in counts:
+        args.actors = n
+        spec = job_spec(args, input_path, work / f"out-{n}")
+        spec["compute"]["gpus_per_actor"] = args.gpus_per_actor
+        if args.gpus_per_actor:
+            spec["compute"]["dtype"] = "float16"
+        path = work / f"job-{n}.json"
+        path.write_text(json.dumps(spec))
+        specs[n] = (path, work / f"out-{n}", spec)
+
+    bare_rows: dict[int, list[float]] = {}
+    pipeline = rows = bare_spec = None
+    if args.bare and not args.gpus_per_actor:
+        import torch
+
+        from jobs.spec import parse_spec
+        from model import load_pipeline
+
+        bare_spec = parse_spec(specs[counts[0]][2])
+        rows = task_rows(bare_spec)
+        pipeline = load_pipeline(args.model)
+        run_bare(pipeline, bare_spec, rows[: args.batch])  # warm-up
+
+    results: dict[int, list[dict]] = {n: [] for n in counts}
+    for _ in range(args.repeats):
+        for n in counts:
+            results[n].append(run_job(specs[n][0], specs[n][1]))
+            print(f"{n} actor(s): {results[n][-1]}", file=sys.stderr, flush=True)
+            if pipeline is not None:
+                torch.set_num_threads(n)
+                start = time.perf_counter()
+                run_bare(pipeline, bare_spec, rows)
+                bare_rows.setdefault(n, []).append(time.perf_counter() - start)
+
+    kind = f"{args.gpus_per_actor:g} GPU(s)" if args.gpus_per_actor else "CPU"
+    print(f"\nrows={args.rows} batch={args.batch} rows_per_shard={args.rows_per_shard} "
+          f"steps={args.steps} size={args.size} sampler={args.sampler} model={args.model} "
+          f"actors: {kind} each; repeats={args.repeats} (medians, interleaved)\n")
+    print("| actors | wall s | images/s (wall) | busiest actor s | images/s (steady) "
+          "| steady vs 1 actor |")
+    print("|---|---|---|---|---|---|")
+    base = None
+    for n in counts:
+        wall = statistics.median(r["wall"] for r in results[n])
+        busy = statistics.median(r["busy"] for r in results[n])
+        steady = args.rows / busy
+        base = base or steady
+        print(f"| {n} | {wall:.2f} | {args.rows / wall:.2f} | {busy:.2f} | {steady:.2f} "
+              f"| {steady / base:.2f}x |")
+    if bare_rows:
+        print("\nin-process reference, bare pipeline over the same rows:\n")
+        print("| torch threads | seconds | images/s | vs 1 thread |")
+        print("|---|---|---|---|")
+        first = None
+        for n, times in bare_rows.items():
+            seconds = statistics.median(times)
+            first = first or seconds
+            print(f"| {n} | {seconds:.2f} | {args.rows / seconds:.2f} | {first / seconds:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
