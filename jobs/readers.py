@@ -36,7 +36,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from .storage import NotFoundError, Storage, StorageError
+from .storage import NotFoundError, ReadOnlyRaw, Storage, StorageError
 
 
 class InputError(ValueError):
@@ -68,7 +68,7 @@ _DECODE_ERRORS = (OSError, pa.ArrowInvalid, pa.ArrowIndexError, pa.ArrowKeyError
 _IO_ERRORS = (StorageError, ConnectionError, TimeoutError)
 
 
-class _TrackedFile(io.RawIOBase):
+class _TrackedFile(ReadOnlyRaw):
     """A file for pyarrow that remembers the first failure of the storage under it.
 
     Wrapped in `pa.PythonFile`, it tells apart the two ways a read of Parquet data fails:
@@ -106,14 +106,6 @@ class _TrackedFile(io.RawIOBase):
 
     def read_buffer(self, size: int = -1) -> pa.Buffer:  # pyarrow's zero-copy path
         return self._tracked(self.raw.read_buffer, None if size is None or size < 0 else size)
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         try:

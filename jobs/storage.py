@@ -599,7 +599,20 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-class _S3InputFile(io.RawIOBase):
+class ReadOnlyRaw(io.RawIOBase):
+    """A raw file whose subclasses define `read(size)`: reading everything is one read,
+    and `readinto` fills the buffer from one read (what pyarrow's PythonFile calls)."""
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _S3InputFile(ReadOnlyRaw):
     """A read-only, seekable view of one S3 object: every read is a retried ranged GET
     pinned to the ETag seen at open, so a file replaced mid-read is an error, not a mix."""
 
@@ -633,14 +646,6 @@ class _S3InputFile(io.RawIOBase):
                                        self.etag)
         self.position += len(data)
         return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 def open_storage(uri: str, storage_spec: StorageSpec | None = None) -> Storage:

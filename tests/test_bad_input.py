@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from job_helpers import make_spec
 from PIL import Image, ImageFile
 
 from jobs.cli import main
@@ -64,14 +65,6 @@ def image_bytes(kind: str) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, kind)
     return buffer.getvalue()
-
-
-def make_spec(input_path, output_path, **sections):
-    data = {"input": {"path": str(input_path)}, "output": {"path": str(output_path)},
-            "sampling": {"width": 16, "height": 16, "steps": 2}}
-    for key, value in sections.items():
-        data.setdefault(key, {}).update(value)
-    return parse_spec(data)
 
 
 def run_worker(tmp_path: Path, table: pa.Table, pipeline, name: str = "in", **sections):

@@ -14,6 +14,7 @@ import io
 import json
 from pathlib import Path
 
+import job_helpers
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -29,7 +30,6 @@ from jobs.readers import (
     read_slice,
     read_slice_checked,
 )
-from jobs.spec import parse_spec
 from jobs.storage import LocalStorage, StorageError, open_storage
 from jobs.worker import ShardWorker
 
@@ -70,12 +70,8 @@ def write_corrupt(path: Path, column: str, group: int = 1, with_ids: bool = True
 
 
 def make_spec(input_path, output_path, **sections):
-    data = {"input": {"path": str(input_path)},
-            "output": {"path": str(output_path), "rows_per_shard": 30},
-            "sampling": {"width": 16, "height": 16, "steps": 2}}
-    for key, value in sections.items():
-        data.setdefault(key, {}).update(value)
-    return parse_spec(data)
+    """Shards of 30 rows, so a row group can span two shards."""
+    return job_helpers.make_spec(input_path, output_path, **{"output": {"rows_per_shard": 30}, **sections})
 
 
 def run_job_in_process(spec, pipeline):

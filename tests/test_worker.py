@@ -5,21 +5,13 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from job_helpers import make_spec
 from PIL import Image
 
 from jobs.images import read_parameters
 from jobs.plan import make_plan
 from jobs.rows import MAX_PROMPT_CHARS, derive_seed
-from jobs.spec import parse_spec
 from jobs.worker import ShardWorker
-
-
-def make_spec(input_path, output_path, **sections):
-    data = {"input": {"path": str(input_path)}, "output": {"path": str(output_path)},
-            "sampling": {"width": 16, "height": 16, "steps": 2}}
-    for key, value in sections.items():
-        data.setdefault(key, {}).update(value)
-    return parse_spec(data)
 
 
 def run_all(spec, pipeline):
