@@ -35,7 +35,7 @@ from .tokenizer import CLIPTokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
 
-MAX_TOKENS = 32  # captions are short; 32 positions instead of 77 make the text encoder cheaper
+MAX_TOKENS = 77  # the contract's [B, 77] prompt length, as every SD 1.x/2.x checkpoint has
 
 VAE_CONFIG = VAEConfig(
     block_out_channels=(16, 32, 64),  # 64x64 pixels -> 16x16x4 latents
@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     vae_config = VAEConfig(**{**VAE_CONFIG.__dict__, "scaling_factor": round(scale, 5)})
     log(f"latent scaling factor {scale:.5f}")
 
-    tokenizer = short_tokenizer()
+    tokenizer = CLIPTokenizer.default()
+    assert tokenizer.model_max_length == MAX_TOKENS
     ids = tokenizer(captions)
     empty_ids = tokenizer([""])[0]
     log(f"training the text encoder and UNet for {args.unet_steps} steps")
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     record = {
         "seed": args.seed, "pictures": args.pictures, "vae_steps": args.vae_steps,
-        "unet_steps": args.unet_steps, "batch": args.batch, "threads": args.threads, "device": args.device,
+        "unet_steps": args.unet_steps, "batch": args.batch, "max_tokens": MAX_TOKENS, "threads": args.threads, "device": args.device,
         "train_seconds": round(trained_s, 1),
         # medians, so a busy machine's stalls do not count: what an idle machine takes
         "vae_seconds_per_step": round(train_vae.step_seconds, 3),
@@ -283,12 +284,6 @@ def main(argv: list[str] | None = None) -> None:
         figures = evaluate_folder(out, captions=set(captions), n=args.eval, seed=args.seed + 1)
         write_readme(out, record, figures)
         log(json.dumps(figures, indent=2))
-
-
-def short_tokenizer() -> CLIPTokenizer:
-    from .tokenizer import DATA_DIR
-
-    return CLIPTokenizer(DATA_DIR / "vocab.json", DATA_DIR / "merges.txt", model_max_length=MAX_TOKENS)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,22 @@ def test_default_model_is_shapes(pipe):
     assert pipe.name == "builtin:shapes" and len(pipe.content_hash) == 64
 
 
+def test_components_have_the_contract_shapes(pipe):
+    """CONTRACT: tokenizer -> [B, 77]; text encoder -> [B, 77, D]; the UNet takes a [B] or
+    scalar timestep; the VAE maps 16x16 latents to 64x64 pixels and back."""
+    ids = pipe.tokenizer(["a red circle on a blue background", ""])
+    assert ids.shape == (2, 77) and ids.dtype == torch.long
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)
+        assert hidden.shape == (2, 77, pipe.unet.config.cross_attention_dim)
+        latents = torch.randn(2, 4, 16, 16)
+        for t in (torch.tensor([10, 500]), torch.tensor(999)):
+            assert pipe.unet(latents, t, hidden).shape == latents.shape
+        pixels = pipe.vae.decode(latents)
+        assert pixels.shape == (2, 3, 64, 64)
+        assert pipe.vae.encode(pixels.clamp(-1, 1)).shape == (2, 4, 16, 16)
+
+
 @pytest.fixture(scope="module")
 def figures(pipe, held_out_scenes):
     torch.set_num_threads(max(1, torch.get_num_threads()))
