@@ -23,7 +23,8 @@ Runs are interleaved (A, B, A, B, ...) after a warm-up each, and the table holds
 
 A config is DTYPE:BATCH:STEPS, optionally :VARIANT[+VARIANT] for extra rows of ours:
 `layout` (channels-last flipped from the pipeline's default), `whole-decode` (the VAE
-decodes the batch at once instead of in chunks), `no-text-cache`.
+decodes the batch at once instead of in chunks), `no-text-cache`, `compile` (the UNet under
+torch.compile as `compute.compile: true` runs it; it compiles during the warm-up).
 Not a test: nothing here asserts a speed. float16 runs the VAE in float32 on both sides
 (ours always does; diffusers' decode gets float32 latents, as its force_upcast does).
 Imports only torch, diffusers, transformers and this project's model package.
@@ -60,7 +61,7 @@ from tiny_sd import (  # noqa: E402
 
 GPU_GRID = [f"{dtype}:{batch}:{steps}" for dtype in ("float16", "bfloat16")
             for batch in (1, 4, 8, 16) for steps in (30, 50)]
-VARIANTS = ("layout", "whole-decode", "no-text-cache")
+VARIANTS = ("layout", "whole-decode", "no-text-cache", "compile")
 
 
 # ----------------------------------------------------------------------------- models
@@ -259,6 +260,35 @@ class Row:
     images: np.ndarray | None = None
 
 
+class _Outer(torch.nn.Module):
+    """A plain module around the compiled UNet, so the loop timer's hooks stay outside
+    the compiled graph."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return self.inner(*args)
+
+
+def compiled_run(ours, batch: int, ours_call):
+    """Our pipeline (same modules) with `compute.compile`'s setting: the UNet under
+    torch.compile, batches bucketed to `batch`. Compiles during the warm-up."""
+    compiled = copy.copy(ours)
+    compiled.compile(batch_size=batch)
+    outer = _Outer(compiled._compiled[1])
+    compiled._compiled = (compiled.unet, outer)
+
+    def call():
+        generate, ours.generate = ours.generate, compiled.generate
+        try:
+            return ours_call()
+        finally:
+            ours.generate = generate
+    return call, outer
+
+
 # ----------------------------------------------------------------------------- one config
 def run_config(ours, theirs, args, dtype: str, batch: int, steps: int, variants: list[str],
                flops_per_image_call: float | None, out) -> None:
@@ -295,9 +325,10 @@ def run_config(ours, theirs, args, dtype: str, batch: int, steps: int, variants:
     layout = "channels-last" if ours.channels_last else "NCHW"
     flipped = "NCHW" if ours.channels_last else "channels-last"
     names = {"layout": f"ldm-jobs {flipped}", "whole-decode": "ldm-jobs whole decode",
-             "no-text-cache": "ldm-jobs no text cache"}
+             "no-text-cache": "ldm-jobs no text cache", "compile": "ldm-jobs torch.compile"}
     runs = [("diffusers", theirs_call, theirs.unet), (f"ldm-jobs ({layout})", ours_call, ours.unet)]
-    runs += [(names[v], variant(v), ours.unet) for v in variants]
+    runs += [(names[v], *(compiled_run(ours, batch, ours_call) if v == "compile"
+                          else (variant(v), ours.unet))) for v in variants]
     timers = {id(unet): LoopTimer(unet, device) for unet in {id(u): u for _, _, u in runs}.values()}
     rows = {name: Row(name) for name, _, _ in runs}
     memory = PeakMemory(device)

@@ -140,7 +140,9 @@ class ComputeSpec(_Strict):
     gpus_per_actor: Float = Field(0, ge=0, allow_inf_nan=False,
                                   description="fractions share one GPU between actors")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    compile: bool = False
+    compile: bool = Field(False, description=(
+        "torch.compile the UNet when each actor loads the model; batches are padded to "
+        "batch_size so a job compiles once per image size, never mid-run"))
 
 
 class StorageSpec(_Strict):

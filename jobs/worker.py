@@ -85,11 +85,28 @@ class ShardWorker:
                                      storage=spec.storage)
         self.spec = spec
         self.pipeline = pipeline
+        if spec.compute.compile:
+            self._compile()
         self.model = model_tag(pipeline)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device}"
         self.input_storage = open_storage(spec.input.path, spec.storage)
         self.output_storage = open_storage(spec.output.path, spec.storage)
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+
+    def _compile(self) -> None:
+        """Compile the UNet for the job's batch size and compile it now, on a throwaway
+        image at the job's size, so the first shard does not pay for it (nor count it in
+        its busy time). Rows with other sizes (override columns) compile once each."""
+        sampling = self.spec.sampling
+        try:
+            self.pipeline.compile(batch_size=self.spec.compute.batch_size)
+            self.pipeline.generate(
+                ["warm-up"], [0], negative_prompts=[sampling.negative_prompt],
+                steps=min(2, sampling.steps), guidance_scale=sampling.guidance_scale,
+                sampler=sampling.sampler, width=sampling.width, height=sampling.height)
+        except Exception as error:  # the model loaded: say that compiling is what failed
+            raise RuntimeError(f"compute.compile: compiling the UNet failed "
+                               f"({type(error).__name__}: {error}); set compile: false") from error
 
     # ---- reading -------------------------------------------------------------------------
     def _read(self, shard: ShardPlan) -> tuple[pa.Table, list[int], list[str], dict[int, str]]:
