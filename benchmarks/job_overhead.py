@@ -66,8 +66,11 @@ def job_spec(args, input_path: Path, output_path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- the three ways
-def run_job(spec_path: Path, output_path: Path) -> dict:
+def run_job(spec_path: Path, output_path: Path, address: str | None = None) -> dict:
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+    env.pop("RAY_ADDRESS", None)
+    if address:
+        env["RAY_ADDRESS"] = address
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "jobs", "run", str(spec_path), "--overwrite",
                            "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -80,6 +83,25 @@ def run_job(spec_path: Path, output_path: Path) -> dict:
     return {"process": process, "wall": timings["wall_seconds"],
             "busy": max(busy.values()) if busy else 0.0, "busy_total": timings["busy_seconds_total"],
             "generated": manifest["counts"]["generated"], "shards": len(manifest["shards"])}
+
+
+class RunningRay:
+    """A local Ray started once with `ray start --head`, as a user keeps one up for many
+    small jobs; `run` joins it through RAY_ADDRESS instead of starting its own."""
+
+    def __init__(self, cpus: int):
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+        self.ray = str(Path(sys.executable).with_name("ray"))
+        subprocess.run([self.ray, "start", "--head", f"--num-cpus={cpus}", "--include-dashboard=false",
+                        "--disable-usage-stats", "--port=0", "--object-store-memory=200000000"],
+                       env=self.env, check=True, capture_output=True, text=True)
+        probe = "import ray; ray.init(address='auto'); print(ray.get_runtime_context().gcs_address)"
+        done = subprocess.run([sys.executable, "-c", probe], env=self.env, check=True,
+                              capture_output=True, text=True)
+        self.address = done.stdout.strip().splitlines()[-1]
+
+    def stop(self) -> None:
+        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True)
 
 
 def task_rows(spec) -> list[tuple[str, str, int]]:
@@ -200,6 +222,8 @@ def main(argv=None) -> None:
                         help="torch threads of the in-process runs (a Ray actor with "
                              "num_cpus=1 gets OMP_NUM_THREADS=1)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-running-ray", dest="running_ray", action="store_false",
+                        help="skip the runs that join a Ray kept up with `ray start --head`")
     args = parser.parse_args(argv)
 
     import torch
@@ -222,14 +246,20 @@ def main(argv=None) -> None:
     load_seconds = time.perf_counter() - start
     run_bare(pipeline, spec, rows[: args.batch])  # warm-up
 
-    results: dict[str, list[dict]] = {"job": [], "bare": [], "worker": []}
+    results: dict[str, list[dict]] = {"job": [], "bare": [], "worker": [], "joined": []}
     probes: dict[str, list] = {"startup": [], "interpreter": []}
+    running = RunningRay(cpus=args.actors) if args.running_ray else None
     for _ in range(args.repeats):
         results["job"].append(run_job(spec_path, job_out))
+        if running is not None:
+            results["joined"].append(run_job(spec_path, job_out, running.address))
         results["bare"].append(run_bare(pipeline, spec, rows))
         results["worker"].append(run_worker(pipeline, spec))
         probes["startup"].append(startup_probe(args.model))
         probes["interpreter"].append(interpreter_probe())
+
+    if running is not None:
+        running.stop()
 
     def med(kind: str, key: str) -> float:
         return statistics.median(r[key] for r in results[kind])
@@ -256,6 +286,9 @@ def main(argv=None) -> None:
         ("job: manifest wall (Ray start, actor load, shards, finalize)", job_wall),
         ("job: whole process (+ interpreter and imports)", job_process),
     ]
+    if results["joined"]:
+        table += [("job joining a running local Ray: manifest wall", med("joined", "wall")),
+                  ("job joining a running local Ray: whole process", med("joined", "process"))]
     for name, seconds in table:
         print(f"| {name} | {seconds:.2f} | {n / seconds:.2f} | {100 * bare / seconds:.0f}% |")
     print("\nwhere the job's time goes (medians; seconds):\n")

@@ -79,6 +79,7 @@ class Plan:
     files: list[InputFile] = field(default_factory=list)
     schema: pa.Schema | None = None
     id_column: str | None = None
+    damaged: list[str] = field(default_factory=list)  # unreadable shard records: run again
 
     def pending(self) -> list[ShardPlan]:
         return [shard for shard in self.shards if shard.name not in self.committed]
@@ -106,6 +107,9 @@ class Plan:
             f"{len(self.committed)} committed, {len(self.pending())} pending",
             f"images     up to {images}",
         ]
+        if self.damaged:
+            lines.append(f"damaged    {len(self.damaged)} shard record(s) unreadable, will run "
+                         f"again: {', '.join(self.damaged[:5])}")
         if duplicates:
             lines.append(f"duplicates {duplicates} row(s) repeat an earlier id and will be rejected")
         return "\n".join(lines)
@@ -267,19 +271,37 @@ def _cut_shards(spec: JobSpec, files: list[InputFile], id_column: str | None,
     return shards
 
 
-def read_records(storage: Storage, spec: JobSpec) -> dict[str, dict]:
-    """Every per-shard record present in the output, by shard name (read in parallel)."""
+def _valid_record(name: str, record: object) -> bool:
+    return (isinstance(record, dict) and record.get("name") == name
+            and isinstance(record.get("fingerprint"), str))
+
+
+def read_records(storage: Storage, spec: JobSpec,
+                 damaged: list[str] | None = None) -> dict[str, dict]:
+    """Every per-shard record present in the output, by shard name (read in parallel).
+
+    A record that is not valid JSON naming its shard and job fingerprint (damaged storage,
+    a hand edit) vouches for nothing: it is left out, so its shard is generated again and
+    the record rewritten, and its name is appended to ``damaged`` for the caller to report.
+    """
     wanted = []
     for path in storage.list(storage.join(spec.output.path, RECORDS_DIR)):
         base = path.replace("\\", "/").rsplit("/", 1)[-1]
         if base.startswith("part-") and base.endswith(".json"):
             wanted.append(base[: -len(".json")])
 
-    def load(name: str) -> dict:
-        return json.loads(storage.read_bytes(record_path(storage, spec, name)))
+    def load(name: str) -> dict | None:
+        try:
+            record = json.loads(storage.read_bytes(record_path(storage, spec, name)))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return record if _valid_record(name, record) else None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        return dict(zip(wanted, pool.map(load, wanted)))
+        loaded = dict(zip(wanted, pool.map(load, wanted)))
+    if damaged is not None:
+        damaged.extend(name for name, record in loaded.items() if record is None)
+    return {name: record for name, record in loaded.items() if record is not None}
 
 
 def make_plan(spec: JobSpec) -> Plan:
@@ -306,7 +328,8 @@ def make_plan(spec: JobSpec) -> Plan:
 
     try:
         out_storage = open_storage(spec.output.path, spec.storage)
-        records = read_records(out_storage, spec)
+        damaged: list[str] = []
+        records = read_records(out_storage, spec, damaged)
     except StorageError as error:
         raise SpecError(f"output.path: {redact_text(str(error))}") from None
     by_name = {shard.name: shard for shard in shards}
@@ -315,4 +338,5 @@ def make_plan(spec: JobSpec) -> Plan:
             raise ForeignOutputError(
                 f"output.path: {spec.output.path} holds shard {name} of a different job "
                 "(another spec or input); use --overwrite or another output path")
-    return Plan(spec, shards, input_rows, set(records), files, schema, id_column)
+    return Plan(spec, shards, input_rows, set(records), files, schema, id_column,
+                damaged=[name for name in damaged if name in by_name])

@@ -30,7 +30,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from jobs import sinks
-from jobs.plan import ForeignOutputError, Plan, ShardPlan, make_plan
+from jobs.plan import RECORDS_DIR, ForeignOutputError, Plan, ShardPlan, make_plan
 from jobs.progress import Progress
 from jobs.spec import JobSpec
 from jobs.worker import ShardResult, ShardWorker
@@ -40,6 +40,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 # How long to wait on Ray before telling the user that nothing has moved yet (an
 # autoscaling cluster may take minutes to bring up a GPU node).
 WAIT_NOTE_SECONDS = 60.0
+# A local Ray start taking more than this share of a job's wall time is worth a hint.
+START_NOTE_SHARE = 0.25
 
 WorkerFactory = Callable[..., Any]
 
@@ -285,13 +287,23 @@ def run_job(
     plan = make_plan(spec)
     pending = plan.pending()
     bar = Progress(plan.input_rows, _committed_rows(plan), enabled=progress)
+    if plan.damaged:
+        bar.note(f"{len(plan.damaged)} shard record(s) in {RECORDS_DIR}/ could not be read "
+                 f"({', '.join(plan.damaged[:5])}); those shards run again")
+    ray_start = 0.0
     if pending:
+        ray_started = time.monotonic()
         with ray_session(address) as started_here:
+            ray_start = time.monotonic() - ray_started if started_here else 0.0
             if started_here:
                 _check_placeable(spec)
             pool = _Pool(spec, _actor_options(spec), worker_factory)
             _Dispatch(spec, pending, pool, max_attempts, bar).run()
     wall_seconds = time.monotonic() - started
+    if ray_start > START_NOTE_SHARE * wall_seconds:
+        bar.note(f"starting a local Ray took {ray_start:.0f} of the job's {wall_seconds:.0f} s; "
+                 "for many small jobs keep one up (`ray start --head`) and run with "
+                 "RAY_ADDRESS=auto (or --address auto)")
     manifest = sinks.finalize(spec, plan, wall_seconds)
     bar.close(spec.output.path, wall_seconds)
     return manifest

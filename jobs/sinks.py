@@ -231,6 +231,12 @@ _TEMP_PREFIX = ".tmp-"
 _OUR_TARGETS = ("part-", ERRORS, MANIFEST, SUCCESS)
 
 
+def _is_ours(relative: str) -> bool:
+    """One of the names a job writes: in the output's root or in `_shards/`."""
+    folder, _, base = relative.rpartition("/")
+    return folder in ("", RECORDS_DIR) and base.startswith(_OUR_TARGETS)
+
+
 def _is_our_temp(relative: str) -> bool:
     """A temp file of one of our writes: in the output's root or in `_shards/`."""
     folder, _, base = relative.rpartition("/")
@@ -239,18 +245,24 @@ def _is_our_temp(relative: str) -> bool:
 
 
 def remove_stale_temps(storage: Storage, spec: JobSpec) -> int:
-    """Delete temp files left by writers that were killed mid-write; returns how many.
+    """Delete what writers killed mid-write left behind; returns how many.
 
     A process killed between writing a temp file and renaming it leaves the temp behind
-    (never under a shard's name, so no reader sees it as data). Called once every shard
-    is committed, when no writer of this job is left, so nothing live is removed.
+    (never under a shard's name, so no reader sees it as data); one killed in a multipart
+    upload to S3 leaves the upload open (invisible, but its parts are stored and billed).
+    Called once every shard is committed, when no writer of this job is left, so nothing
+    live is removed; uploads to keys that are not ours are left alone.
     """
     root = spec.output.path.removeprefix("file://").replace("\\", "/").rstrip("/")
-    stale = [path for path in storage.list(spec.output.path)
-             if _is_our_temp(path.replace("\\", "/")[len(root):].lstrip("/"))]
+
+    def relative(path: str) -> str:
+        return path.replace("\\", "/")[len(root):].lstrip("/")
+
+    stale = [path for path in storage.list(spec.output.path) if _is_our_temp(relative(path))]
     for path in stale:
         storage.delete(path)
-    return len(stale)
+    aborted = storage.abort_uploads(spec.output.path, keep=lambda path: not _is_ours(relative(path)))
+    return len(stale) + aborted
 
 
 def clear_output(spec: JobSpec) -> int:

@@ -103,6 +103,11 @@ class Storage:
         """A seekable file for pyarrow readers (Parquet reads only the ranges it needs)."""
         return self.arrow_filesystem().open_input_file(self.arrow_path(path))
 
+    def abort_uploads(self, prefix: str, keep: Callable[[str], bool] | None = None) -> int:
+        """Abort unfinished multipart uploads under ``prefix`` (whose keys ``keep`` does not
+        protect); returns how many. Only object stores have them."""
+        return 0
+
     def version(self, path: str) -> Any:
         """What changes when the file does (size and modification time, ETag on S3), for
         caches; None where unknown (nothing is cached then)."""
@@ -535,6 +540,25 @@ class S3Storage(Storage):
             # The parts stay invisible (no object appears); a bucket lifecycle rule for
             # incomplete uploads reclaims them.
             log.warning("%s (upload %s is left incomplete)", error, upload_id)
+
+    def abort_uploads(self, prefix: str, keep: Callable[[str], bool] | None = None) -> int:
+        """Abort the multipart uploads left under ``prefix`` by writers killed mid-upload
+        (their parts are invisible but stored, and billed, until aborted)."""
+        bucket, key = split_s3(prefix)
+        if key and not key.endswith("/"):
+            key += "/"
+
+        def listing() -> list[tuple[str, str]]:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=bucket, Prefix=key)
+            return [(item["Key"], item["UploadId"]) for page in pages
+                    for item in page.get("Uploads", [])]
+
+        uploads = self._call("list uploads under", bucket, key, listing)
+        stale = [(k, u) for k, u in uploads if keep is None or not keep(f"s3://{bucket}/{k}")]
+        for stale_key, upload_id in stale:
+            self._abort(bucket, stale_key, upload_id)
+        return len(stale)
 
     def exists(self, path: str) -> bool:
         bucket, key = split_s3(path)

@@ -247,3 +247,21 @@ def test_overwrite_lets_through_only_a_foreign_output(s3_server, tmp_path):
     with pytest.raises(InputError, match="input not found"):
         run_job(bad, overwrite=True, progress=False)
     assert (out / "_shards" / "part-00000.json").exists()
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"name": "part-00', b"\xff\xfe", b"[1, 2]",
+                                    b'{"name": "part-00007", "fingerprint": "x"}'])
+def test_a_damaged_shard_record_means_run_that_shard_again(tmp_path, damage):
+    write_parquet(tmp_path / "in.parquet", [f"p{i}" for i in range(5)])
+    spec = make_spec(tmp_path / "in.parquet", tmp_path / "out", output={"rows_per_shard": 2})
+    plan = make_plan(spec)
+    records = tmp_path / "out" / "_shards"
+    records.mkdir(parents=True)
+    (records / "part-00000.json").write_text(json.dumps(
+        {"name": "part-00000", "fingerprint": plan.shards[0].fingerprint}))
+    (records / "part-00001.json").write_bytes(damage)
+    again = make_plan(spec)
+    assert again.committed == {"part-00000"}
+    assert again.damaged == ["part-00001"]
+    assert [s.name for s in again.pending()] == ["part-00001", "part-00002"]
+    assert "damaged    1 shard record(s) unreadable, will run again: part-00001" in again.describe()

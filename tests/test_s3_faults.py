@@ -463,3 +463,24 @@ def test_cli_reports_a_failing_output_store(proxy, bucket, direct, tmp_path, cap
     assert f"s3://{bucket}/out/_shards/" in err and f"bucket '{bucket}'" in err, err
     assert "Traceback" not in err
     assert proxy.count("GET", "prefix=out/") == ATTEMPTS
+
+
+# --- a writer killed mid-upload ----------------------------------------------------------------
+
+
+def test_uploads_left_by_killed_writers_are_aborted_at_the_end(s3_server, direct, bucket):
+    """A process killed inside a multipart upload leaves it open: invisible, but its parts
+    are stored (and billed). The job's end aborts those of its own names, not others'."""
+    from jobs.sinks import remove_stale_temps
+    from jobs.spec import parse_spec
+
+    for key in ("run/part-00003.parquet", "run/_shards/part-00003.errors.parquet",
+                "run/errors.parquet", "run/notes/part-00001.parquet", "run/user-file.bin",
+                "elsewhere/part-00000.parquet"):
+        upload = direct.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        direct.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 10)
+    spec = parse_spec({"input": {"path": "unused.parquet"},
+                       "output": {"path": f"s3://{bucket}/run"}})
+    assert remove_stale_temps(S3Storage(s3_server.endpoint_url, "us-east-1"), spec) == 3
+    assert sorted(_uploads_in_progress(direct, bucket)) == [
+        "elsewhere/part-00000.parquet", "run/notes/part-00001.parquet", "run/user-file.bin"]
