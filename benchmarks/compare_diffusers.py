@@ -280,13 +280,7 @@ def compiled_run(ours, batch: int, ours_call):
     outer = _Outer(compiled._compiled[1])
     compiled._compiled = (compiled.unet, outer)
 
-    def call():
-        generate, ours.generate = ours.generate, compiled.generate
-        try:
-            return ours_call()
-        finally:
-            ours.generate = generate
-    return call, outer
+    return (lambda: ours_call(compiled)), outer
 
 
 # ----------------------------------------------------------------------------- one config
@@ -297,8 +291,8 @@ def run_config(ours, theirs, args, dtype: str, batch: int, steps: int, variants:
     seeds = list(range(batch))
     size = args.size
 
-    def ours_call():
-        return ours.generate(prompts, seeds=seeds, steps=steps, guidance_scale=args.guidance,
+    def ours_call(pipe=ours):
+        return pipe.generate(prompts, seeds=seeds, steps=steps, guidance_scale=args.guidance,
                              sampler=args.sampler, width=size, height=size)
 
     def theirs_call():

@@ -16,7 +16,9 @@
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 # Writes OUT_DIR/environment.txt, OUT_DIR/compare_diffusers.md (the table) and
 # OUT_DIR/compare_diffusers.log (everything printed). Env: PYTHON (default python3),
-# PEAK_TFLOPS (default 989, H100/H200 SXM dense fp16/bf16), SUITE_TIMEOUT (default 225 s).
+# PEAK_TFLOPS (default 989, H100/H200 SXM dense fp16/bf16), SUITE_TIMEOUT (default 225 s),
+# COMPILE=+compile adds a torch.compile row to float16 batch 8 (compiling the SD 1.5 UNet
+# takes a minute or two more; raise SUITE_TIMEOUT with it).
 set -uo pipefail
 
 OUT_DIR=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
@@ -34,7 +36,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 cat "$OUT_DIR/environment.txt"
 
 timeout "${SUITE_TIMEOUT:-225}" "$PY" benchmarks/compare_diffusers.py --device cuda \
-  --configs float16:1:30:no-text-cache,float16:8:30:layout,float16:16:30:whole-decode,bfloat16:8:30 \
+  --configs "float16:1:30:no-text-cache,float16:8:30:layout${COMPILE:+$COMPILE},float16:16:30:whole-decode,bfloat16:8:30" \
   --repeats 3 --warmup 1 --peak-tflops "${PEAK_TFLOPS:-989}" \
   --out "$OUT_DIR/compare_diffusers.md" 2>&1 | tee "$OUT_DIR/compare_diffusers.log"
 status=${PIPESTATUS[0]}

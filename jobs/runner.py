@@ -302,8 +302,8 @@ def run_job(
     wall_seconds = time.monotonic() - started
     if ray_start > START_NOTE_SHARE * wall_seconds:
         bar.note(f"starting a local Ray took {ray_start:.0f} of the job's {wall_seconds:.0f} s; "
-                 "for many small jobs keep one up (`ray start --head`) and run with "
-                 "RAY_ADDRESS=auto (or --address auto)")
+                 "for many small jobs keep one up with `ray start --head` (later runs on "
+                 "this machine join it) and stop it with `ray stop`")
     manifest = sinks.finalize(spec, plan, wall_seconds)
     bar.close(spec.output.path, wall_seconds)
     return manifest
