@@ -103,6 +103,9 @@ class Plan:
             f"cfg {spec.sampling.guidance_scale}, {spec.sampling.width}x{spec.sampling.height}, "
             f"seed {spec.sampling.seed}, {spec.sampling.images_per_prompt} image(s) per prompt",
             f"output     {spec.output.path} ({spec.output.format}, {spec.output.image_format})",
+            f"compute    {spec.compute.actors} actor(s), {spec.compute.gpus_per_actor:g} GPU(s) "
+            f"each, batch {spec.compute.batch_size}, {spec.compute.dtype}"
+            + (", UNet compiled (torch.compile)" if spec.compute.compile else ""),
             f"shards     {len(self.shards)} of up to {rows_per_shard(spec)} prompts: "
             f"{len(self.committed)} committed, {len(self.pending())} pending",
             f"images     up to {images}",

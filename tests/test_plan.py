@@ -65,6 +65,10 @@ def test_shards_slices_and_names(tmp_path):
         "a1", "a2", "a3"]
     assert [s.name for s in plan.pending()] == [s.name for s in plan.shards]
     assert "9 rows" in plan.describe() and "3 pending" in plan.describe()
+    assert "compute    1 actor(s), 0 GPU(s) each, batch 8, float32\n" in plan.describe()
+    compiled = make_spec(spec.input.path, spec.output.path, compute={"compile": True, "actors": 2})
+    assert ("compute    2 actor(s), 0 GPU(s) each, batch 8, float32, UNet compiled "
+            "(torch.compile)") in make_plan(compiled).describe()
     # images_per_prompt counts against rows_per_shard: shards hold about 4 images.
     doubled = make_plan(make_spec(tmp_path / "*.parquet", tmp_path / "out",
                                   output={"rows_per_shard": 4},
