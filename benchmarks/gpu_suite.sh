@@ -12,8 +12,11 @@
 #   python3 benchmarks/compare_diffusers.py --device cuda --out OUT_DIR/full_grid.md
 #
 # Usage (from anywhere):  benchmarks/gpu_suite.sh OUT_DIR
-# Needs python3 with torch (>= 2.4, CUDA) and transformers; diffusers is not installed here:
-#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# Needs python3 with torch (>= 2.4, CUDA) and transformers; the lent GPU machines have both
+# but not diffusers: its wheel and importlib_metadata's wait in .whl/ (untracked; fetch them
+# with `pip download --no-deps -d .whl diffusers==0.42.1 importlib_metadata`), carried along:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && benchmarks/gpu_suite.sh $OUT
 # Writes OUT_DIR/environment.txt, OUT_DIR/compare_diffusers.md (the table) and
 # OUT_DIR/compare_diffusers.log (everything printed). Env: PYTHON (default python3),
 # PEAK_TFLOPS (default 989, H100/H200 SXM dense fp16/bf16), SUITE_TIMEOUT (default 225 s),
