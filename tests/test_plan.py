@@ -1,4 +1,5 @@
 import json
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -269,3 +270,34 @@ def test_a_damaged_shard_record_means_run_that_shard_again(tmp_path, damage):
     assert again.damaged == ["part-00001"]
     assert [s.name for s in again.pending()] == ["part-00001", "part-00002"]
     assert "damaged    1 shard record(s) unreadable, will run again: part-00001" in again.describe()
+
+
+def test_a_slow_local_ray_start_gets_a_hint(tmp_path, monkeypatch, capsys, fake_pipeline):
+    """When starting the local Ray is most of a job, `run` says how to avoid paying it."""
+    import contextlib
+
+    from jobs import runner
+    from jobs.worker import ShardWorker
+
+    write_parquet(tmp_path / "in.parquet", ["p0", "p1"])
+    spec = make_spec(tmp_path / "in.parquet", tmp_path / "out")
+
+    @contextlib.contextmanager
+    def slow_local_start(address=None):
+        time.sleep(0.5)
+        yield True
+
+    def in_process(self):  # the shards, without Ray
+        worker = ShardWorker(self.spec, pipeline=fake_pipeline)
+        return [worker.run(shard) for shard in self.queue]
+
+    monkeypatch.setattr(runner, "ray_session", slow_local_start)
+    monkeypatch.setattr(runner, "_check_placeable", lambda spec: None)
+    monkeypatch.setattr(runner, "_actor_options", lambda spec: {})
+    monkeypatch.setattr(runner._Dispatch, "run", in_process)
+    assert runner.run_job(spec)["complete"]
+    assert "for many small jobs keep one up with `ray start --head`" in capsys.readouterr().err
+    # a Ray that was already up (or a start that is a small part of the job): no hint
+    monkeypatch.setattr(runner, "ray_session", lambda address=None: contextlib.nullcontext(False))
+    assert runner.run_job(spec, overwrite=True)["complete"]
+    assert "ray start --head" not in capsys.readouterr().err
