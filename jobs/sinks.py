@@ -231,6 +231,13 @@ _TEMP_PREFIX = ".tmp-"
 _OUR_TARGETS = ("part-", ERRORS, MANIFEST, SUCCESS)
 
 
+def _relative(spec: JobSpec, path: str) -> str:
+    """A listed path relative to the output folder, with '/' separators. Listings give
+    local paths without `file://`, so the output path loses it too before it is cut off."""
+    root = spec.output.path.removeprefix("file://").replace("\\", "/").rstrip("/")
+    return path.replace("\\", "/")[len(root):].lstrip("/")
+
+
 def _is_ours(relative: str) -> bool:
     """One of the names a job writes: in the output's root or in `_shards/`."""
     folder, _, base = relative.rpartition("/")
@@ -239,9 +246,9 @@ def _is_ours(relative: str) -> bool:
 
 def _is_our_temp(relative: str) -> bool:
     """A temp file of one of our writes: in the output's root or in `_shards/`."""
-    folder, _, base = relative.rpartition("/")
-    return (folder in ("", RECORDS_DIR) and base.startswith(_TEMP_PREFIX)
-            and base[len(_TEMP_PREFIX):].startswith(_OUR_TARGETS))
+    folder, slash, base = relative.rpartition("/")
+    target = base.removeprefix(_TEMP_PREFIX)
+    return target != base and _is_ours(folder + slash + target)
 
 
 def remove_stale_temps(storage: Storage, spec: JobSpec) -> int:
@@ -253,15 +260,12 @@ def remove_stale_temps(storage: Storage, spec: JobSpec) -> int:
     Called once every shard is committed, when no writer of this job is left, so nothing
     live is removed; uploads to keys that are not ours are left alone.
     """
-    root = spec.output.path.removeprefix("file://").replace("\\", "/").rstrip("/")
-
-    def relative(path: str) -> str:
-        return path.replace("\\", "/")[len(root):].lstrip("/")
-
-    stale = [path for path in storage.list(spec.output.path) if _is_our_temp(relative(path))]
+    stale = [path for path in storage.list(spec.output.path)
+             if _is_our_temp(_relative(spec, path))]
     for path in stale:
         storage.delete(path)
-    aborted = storage.abort_uploads(spec.output.path, keep=lambda path: not _is_ours(relative(path)))
+    aborted = storage.abort_uploads(spec.output.path,
+                                    keep=lambda path: not _is_ours(_relative(spec, path)))
     return len(stale) + aborted
 
 
@@ -272,10 +276,9 @@ def clear_output(spec: JobSpec) -> int:
     output), then shards, records, errors and manifest. Other files are left alone.
     """
     storage = open_storage(spec.output.path, spec.storage)
-    root = spec.output.path.rstrip("/")
     ours = []
     for path in storage.list(spec.output.path):
-        relative = path.replace("\\", "/")[len(root.replace("\\", "/")):].lstrip("/")
+        relative = _relative(spec, path)
         base = relative.rsplit("/", 1)[-1]
         if (relative.startswith(f"{RECORDS_DIR}/") or relative in (ERRORS, MANIFEST)
                 or ("/" not in relative and base.startswith(("part-", ".tmp-part-"))

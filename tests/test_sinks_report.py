@@ -4,6 +4,7 @@ import time
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from jobs import open_output, show
@@ -79,10 +80,11 @@ def test_errors_file_has_a_stable_schema_when_empty(tmp_path, fake_pipeline):
     assert errors.schema.names == ["id", "reason", "row", "shard", "prompt", "n"]
 
 
-def test_clear_output_removes_only_our_files(tmp_path, fake_pipeline):
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_clear_output_removes_only_our_files(tmp_path, fake_pipeline, scheme):
     write_input(tmp_path / "in.parquet")
     out = tmp_path / "out"
-    spec = make_spec(tmp_path / "in.parquet", out)
+    spec = make_spec(tmp_path / "in.parquet", f"{scheme}{out}")
     run_job(spec, fake_pipeline)
     (out / "notes.txt").write_text("keep me")
     removed = clear_output(spec)
