@@ -94,9 +94,10 @@ class ShardWorker:
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
 
     def _compile(self) -> None:
-        """Compile the UNet for the job's batch size and compile it now, on a throwaway
-        image at the job's size, so the first shard does not pay for it (nor count it in
-        its busy time). Rows with other sizes (override columns) compile once each."""
+        """Set the UNet to compile for the job's batch size, and compile it now on a
+        throwaway image at the job's size, so the first shard does not pay for it (nor
+        count it in its busy time). Rows with other sizes (override columns) compile once
+        each."""
         sampling = self.spec.sampling
         try:
             self.pipeline.compile(batch_size=self.spec.compute.batch_size)

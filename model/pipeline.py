@@ -174,11 +174,7 @@ class Pipeline:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """A CPU tensor moved to the pipeline's device; on CUDA through pinned memory and
-        without blocking, so the host keeps queueing work instead of waiting on the copy."""
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device)
+        return sampling.to_device(x, self.device)
 
     # ----------------------------------------------------------------- public API
     @torch.inference_mode()
@@ -444,14 +440,19 @@ class Pipeline:
 _ROW_FIELDS = ("prompts", "negative_prompts", "seeds", "guidance_scales", "init_images")
 
 
+def _with_rows(request: GenerationRequest, rows) -> GenerationRequest:
+    """The request with ``rows(values)`` applied to each of its per-row lists."""
+    return dataclasses.replace(request, **{
+        name: rows(getattr(request, name)) for name in _ROW_FIELDS
+        if getattr(request, name) is not None})
+
+
 def _split(request: GenerationRequest, size: int) -> list[GenerationRequest]:
     """The request in consecutive parts of at most ``size`` rows."""
     n = len(request.prompts)
     if n <= size:
         return [request]
-    return [dataclasses.replace(request, **{
-        name: getattr(request, name)[i : i + size] for name in _ROW_FIELDS
-        if getattr(request, name) is not None}) for i in range(0, n, size)]
+    return [_with_rows(request, lambda values, i=i: values[i : i + size]) for i in range(0, n, size)]
 
 
 def _pad(request: GenerationRequest, size: int) -> GenerationRequest:
@@ -459,9 +460,7 @@ def _pad(request: GenerationRequest, size: int) -> GenerationRequest:
     extra = size - len(request.prompts)
     if extra <= 0:
         return request
-    return dataclasses.replace(request, **{
-        name: getattr(request, name) + [getattr(request, name)[-1]] * extra
-        for name in _ROW_FIELDS if getattr(request, name) is not None})
+    return _with_rows(request, lambda values: values + [values[-1]] * extra)
 
 
 def load_pipeline(

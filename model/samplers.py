@@ -60,10 +60,15 @@ def _randn(x: torch.Tensor, generators: Generators) -> torch.Tensor:
         torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=torch.float32)
         for g in generators
     ]
-    noise = torch.cat(rows)
-    if x.device.type == "cuda":  # pinned, so the copy does not stall the queued steps
-        return noise.pin_memory().to(x.device, non_blocking=True)
-    return noise.to(x.device)
+    return to_device(torch.cat(rows), x.device)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor moved to ``device``; on CUDA through pinned memory and without
+    blocking, so the host keeps queueing work instead of waiting on the copy."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 # --------------------------------------------------------------------- the denoiser
