@@ -65,9 +65,12 @@ class Output:
         return ds.dataset(paths, filesystem=fs, format="parquet")
 
     def errors(self) -> pa.Table | None:
-        """errors.parquet as a table, or None before the job finalized."""
+        """errors.parquet as a table; empty when the job rejected nothing (no file is
+        written then), None before the job finalized."""
         if self._errors_path is None:
-            return None
+            if self.manifest is None:
+                return None
+            return pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
         return pq.read_table(io.BytesIO(self.storage.read_bytes(self._errors_path)))
 
     def iter_images(self, limit: int | None = None) -> Iterator[dict[str, Any]]:

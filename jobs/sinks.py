@@ -181,7 +181,8 @@ def _model(spec: JobSpec, records: list[dict]) -> dict[str, Any]:
 
 
 def finalize(spec: JobSpec, plan: Plan, wall_seconds: float) -> dict[str, Any]:
-    """Write errors.parquet and _manifest.json, then _SUCCESS if every row is accounted for.
+    """Write errors.parquet (only when a row was rejected) and _manifest.json, then
+    _SUCCESS if every row is accounted for.
 
     Returns the manifest; `manifest["complete"]` tells whether _SUCCESS was written.
     """
@@ -199,9 +200,17 @@ def finalize(spec: JobSpec, plan: Plan, wall_seconds: float) -> dict[str, Any]:
                                                    record["errors"]))
             tables.append(pq.read_table(io.BytesIO(data)).cast(errors_schema(input_schema)))
     errors = pa.concat_tables(tables)
-    buffer = io.BytesIO()
-    pq.write_table(errors, buffer, compression="ZSTD")
-    storage.write_atomic(storage.join(spec.output.path, ERRORS), buffer.getvalue())
+    errors_path = storage.join(spec.output.path, ERRORS)
+    if errors.num_rows:
+        buffer = io.BytesIO()
+        pq.write_table(errors, buffer, compression="ZSTD")
+        storage.write_atomic(errors_path, buffer.getvalue())
+    else:
+        # No rejected row, no errors.parquet: a file of another schema beside the shards
+        # is what readers of the whole folder trip on (pyarrow.dataset and pq.read_table
+        # take the first file's schema, so `image` would vanish; Hugging Face datasets
+        # fails on an empty file). The manifest's counts say that nothing was rejected.
+        storage.delete(errors_path)
 
     accepted = sum(record["accepted_rows"] for record in records)
     rejected = sum(record["rejected"] for record in records)

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 
+# Nothing is ever fetched from a hub: diffusers, transformers and datasets stay offline.
+for _flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_flag, "1")
+
 # Dummy credentials for the loopback S3 server; set before any client is made.
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -1,3 +1,4 @@
+import io
 import json
 import time
 
@@ -71,13 +72,51 @@ def test_finalize_writes_manifest_errors_and_success(tmp_path, fake_pipeline):
     assert (out / "_SUCCESS").stat().st_mtime_ns >= (out / "_manifest.json").stat().st_mtime_ns
 
 
-def test_errors_file_has_a_stable_schema_when_empty(tmp_path, fake_pipeline):
-    pq.write_table(pa.table({"prompt": ["a", "b"], "n": [1, 2]}), tmp_path / "in.parquet")
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_job_without_rejections_opens_whole_in_every_reader(tmp_path, fake_pipeline):
+    """The contract: outputs open unchanged with pyarrow.dataset, Ray Data and Hugging Face
+    datasets. An errors.parquet beside the shards (even an empty one) broke all but Ray:
+    pyarrow took its schema (no `image`), datasets failed on its empty row group."""
+    pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "n": [1, 2, 3, 4]}),
+                   tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    _, manifest = run_job(make_spec(tmp_path / "in.parquet", out), fake_pipeline)
+    assert manifest["complete"] and manifest["counts"]["rejected"] == 0
+    assert not (out / "errors.parquet").exists()
+    expected = {"id", "prompt", "n", "image", "seed", "model", "image_format"}
+
+    for table in (ds.dataset(str(out), format="parquet").to_table(), pq.read_table(out)):
+        assert expected <= set(table.column_names)
+        assert sorted(table.column("n").to_pylist()) == [1, 2, 3, 4]
+        assert all(Image.open(io.BytesIO(b)).size == (16, 16)
+                   for b in table.column("image").to_pylist())
+
+    import ray.data
+
+    rows = ray.data.read_parquet(str(out)).take_all()
+    assert sorted(r["n"] for r in rows) == [1, 2, 3, 4] and expected <= set(rows[0])
+
+    import datasets
+
+    # (data_dir would take _SUCCESS and _manifest.json for data too: the contract's names.)
+    loaded = datasets.load_dataset("parquet", data_files=str(out / "*.parquet"), split="train",
+                                   cache_dir=str(tmp_path / "hf-cache"))
+    assert expected <= set(loaded.column_names) and sorted(loaded["n"]) == [1, 2, 3, 4]
+
+    errors = open_output(str(out)).errors()  # finalized: an empty table, not None
+    assert errors is not None and errors.num_rows == 0
+    assert "errors     none" in show(str(out))
+
+
+def test_finalize_removes_a_stale_errors_file_when_nothing_is_rejected(tmp_path,
+                                                                      fake_pipeline):
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "in.parquet")
     spec = make_spec(tmp_path / "in.parquet", tmp_path / "out")
     run_job(spec, fake_pipeline)
-    errors = pq.read_table(tmp_path / "out" / "errors.parquet")
-    assert errors.num_rows == 0
-    assert errors.schema.names == ["id", "reason", "row", "shard", "prompt", "n"]
+    stale = tmp_path / "out" / "errors.parquet"
+    pq.write_table(pa.table({"id": ["old"], "reason": ["from an earlier finalize"]}), stale)
+    assert finalize(spec, make_plan(spec), 1.0)["counts"]["rejected"] == 0
+    assert not stale.exists()
 
 
 @pytest.mark.parametrize("scheme", ["", "file://"])
