@@ -162,6 +162,29 @@ def test_webdataset_output_reads_back(tmp_path, fake_pipeline):
     assert rows[0]["image"].size == (16, 16)
 
 
+def test_webdataset_output_opens_with_the_webdataset_library(tmp_path, fake_pipeline):
+    """The contract: webdataset output opens unchanged with `webdataset`. Its loader splits a
+    member name at the first dot, so ids with dots must not leak into the key as-is."""
+    import webdataset as wds
+
+    ids = ["a.b", "v1.2.3", "plain", "x y"]
+    pq.write_table(pa.table({"id": ids, "prompt": ["red", "blue", "green", "grey"]}),
+                   tmp_path / "in.parquet")
+    spec = make_spec(tmp_path / "in.parquet", tmp_path / "out",
+                     input={"id_column": "id"}, sampling={"images_per_prompt": 2},
+                     output={"format": "webdataset", "rows_per_shard": 4})
+    _, manifest = run_job(spec, fake_pipeline)
+    tars = sorted(str(p) for p in (tmp_path / "out").glob("part-*.tar"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil"))
+
+    assert len(samples) == manifest["counts"]["generated"] == 8
+    expected = sorted(f"{i}{suffix}" for i in ids for suffix in ("", "-1"))
+    assert sorted(s["json"]["id"] for s in samples) == expected
+    for sample in samples:  # every image met its own metadata: one key, both members
+        assert set(sample) >= {"png", "json"} and sample["png"].size == (16, 16)
+        assert sample["json"]["prompt"] in ("red", "blue", "green", "grey")
+
+
 def test_s3_input_and_output_round_trip(s3_server, tmp_path, fake_pipeline):
     bucket = s3_server.make_bucket()
     storage = open_storage(f"s3://{bucket}")
