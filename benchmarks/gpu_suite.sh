@@ -21,7 +21,10 @@
 # OUT_DIR/compare_diffusers.log (everything printed). Env: PYTHON (default python3),
 # PEAK_TFLOPS (default 989, H100/H200 SXM dense fp16/bf16), SUITE_TIMEOUT (default 225 s),
 # COMPILE=+compile adds a torch.compile row to float16 batch 8 (compiling the SD 1.5 UNet
-# takes a minute or two more; raise SUITE_TIMEOUT with it).
+# takes a minute or two more; raise SUITE_TIMEOUT with it). JOBS=1 adds a second stage:
+# job_overhead.py on a random SD 1.5-shaped folder (64 rows, float16, batch 8, 30 steps,
+# one GPU actor; JOBS_TIMEOUT, default 240 s) into OUT_DIR/job_overhead.log; it needs Ray,
+# pyarrow and the project's other dependencies on the machine.
 set -uo pipefail
 
 OUT_DIR=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
@@ -45,6 +48,13 @@ timeout "${SUITE_TIMEOUT:-225}" "$PY" benchmarks/compare_diffusers.py --device c
 status=${PIPESTATUS[0]}
 if [ "$status" = 124 ]; then
   echo "gpu_suite: stopped at the time limit; the rows above were measured" | tee -a "$OUT_DIR/compare_diffusers.log"
+fi
+if [ "${JOBS:-0}" = 1 ]; then
+  timeout "${JOBS_TIMEOUT:-240}" "$PY" benchmarks/job_overhead.py --model sd15-random \
+    --gpus-per-actor 1 --size 512 --steps 30 --rows 64 --batch 8 --rows-per-shard 32 \
+    --repeats 1 2>&1 | tee "$OUT_DIR/job_overhead.log"
+  jobs_status=${PIPESTATUS[0]}
+  [ "$status" = 0 ] && status=$jobs_status
 fi
 echo "tables in $OUT_DIR"
 exit "$status"

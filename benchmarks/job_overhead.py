@@ -2,6 +2,8 @@
 
     python benchmarks/job_overhead.py                 # 96 prompts, tiny model, 64x64, 1 actor
     python benchmarks/job_overhead.py --rows 128 --repeats 3 --actors 1
+    python benchmarks/job_overhead.py --model sd15-random --gpus-per-actor 1 --size 512 \
+        --steps 30 --rows 64 --batch 8 --rows-per-shard 32        # GPU: SD 1.5 shapes, float16
 
 Three ways through the same rows (same prompts, seeds, sampler, steps and batch size),
 interleaved (job, bare, worker, job, ...), medians reported:
@@ -60,8 +62,8 @@ def job_spec(args, input_path: Path, output_path: Path) -> dict:
         "sampling": {"sampler": args.sampler, "steps": args.steps, "guidance_scale": 7.5,
                      "width": args.size, "height": args.size, "seed": 0,
                      "images_per_prompt": 1, "negative_prompt": ""},
-        "compute": {"actors": args.actors, "batch_size": args.batch, "gpus_per_actor": 0,
-                    "dtype": "float32"},
+        "compute": {"actors": args.actors, "batch_size": args.batch,
+                    "gpus_per_actor": args.gpus_per_actor, "dtype": args.dtype},
     }
 
 
@@ -162,10 +164,11 @@ def run_worker(pipeline, spec) -> dict:
     return {"total": total, "generate": spent["generate"]}
 
 
-def startup_probe(model: str) -> dict[str, float]:
+def startup_probe(model: str, gpus: float = 0.0, dtype: str = "float32") -> dict[str, float]:
     """What a job pays before its first shard, in a fresh process like the job's: a local
-    Ray's start, one CPU actor's start (a worker process importing torch and the model
-    package), and the model load inside it."""
+    Ray's start, one actor's start (a worker process importing torch and the model
+    package), and the model load inside it (on the GPU when `gpus`)."""
+    device = "cuda" if gpus else "cpu"
     code = f"""
 import json, logging, time
 start = time.perf_counter()
@@ -173,14 +176,14 @@ import ray
 ray.init(include_dashboard=False, logging_level=logging.WARNING)
 ray_up = time.perf_counter()
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, num_gpus={gpus!r})
 class Loader:
     def __init__(self):
         import model
     def load(self):
         from model import load_pipeline
         start = time.perf_counter()
-        self.pipe = load_pipeline({model!r})
+        self.pipe = load_pipeline({model!r}, device={device!r}, dtype={dtype!r})
         return time.perf_counter() - start
 
 actor = Loader.remote()
@@ -215,7 +218,13 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--model", default="builtin:tiny-random")
+    parser.add_argument("--model", default="builtin:tiny-random",
+                        help="a model source, or sd15-random: a random SD 1.5-shaped folder "
+                             "written for the run (benchmarks/sd15_folder.py)")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0,
+                        help="> 0: the job's actors and the bare pipeline run on CUDA")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default float16 with GPUs, float32 without")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the in-process runs (a Ray actor with "
                              "num_cpus=1 gets OMP_NUM_THREADS=1)")
@@ -223,14 +232,18 @@ def main(argv=None) -> None:
     parser.add_argument("--no-running-ray", dest="running_ray", action="store_false",
                         help="skip the runs that join a Ray kept up with `ray start --head`")
     args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("float16" if args.gpus_per_actor else "float32")
+    device = "cuda" if args.gpus_per_actor else "cpu"
 
     import torch
+    from sd15_folder import resolve_model
 
     from jobs.spec import parse_spec
     from model import load_pipeline
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="job-overhead-"))
+    args.model = resolve_model(args.model, work, device)
     input_path = work / "prompts.parquet"
     write_prompts(input_path, args.rows)
     job_out, worker_out = work / "job-out", work / "worker-out"
@@ -240,7 +253,7 @@ def main(argv=None) -> None:
     rows = task_rows(spec)
 
     start = time.perf_counter()
-    pipeline = load_pipeline(args.model)
+    pipeline = load_pipeline(args.model, device=device, dtype=args.dtype)
     load_seconds = time.perf_counter() - start
     run_bare(pipeline, spec, rows[: args.batch])  # warm-up
 
@@ -250,7 +263,7 @@ def main(argv=None) -> None:
         results["job"].append(run_job(spec_path, job_out))
         results["bare"].append(run_bare(pipeline, spec, rows))
         results["worker"].append(run_worker(pipeline, spec))
-        probes["startup"].append(startup_probe(args.model))
+        probes["startup"].append(startup_probe(args.model, args.gpus_per_actor, args.dtype))
         probes["interpreter"].append(interpreter_probe())
         if args.running_ray:
             # kept up only for these runs: a plain ray.init() on this machine joins a Ray
@@ -275,6 +288,7 @@ def main(argv=None) -> None:
     print(f"\nmachine: {os.cpu_count()} CPU(s); rows={n} batch={args.batch} "
           f"rows_per_shard={args.rows_per_shard} actors={args.actors} steps={args.steps} "
           f"size={args.size} sampler={args.sampler} model={args.model} threads={args.threads} "
+          f"device={device} dtype={args.dtype} "
           f"repeats={args.repeats} (medians, interleaved)\n")
     print("| way | seconds | images/s | efficiency (bare gen / this) |")
     print("|---|---|---|---|")

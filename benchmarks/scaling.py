@@ -2,6 +2,8 @@
 
     python benchmarks/scaling.py                          # 128 prompts, tiny model, CPU actors
     python benchmarks/scaling.py --gpus-per-actor 1 --model PATH --size 512 --steps 30
+    python benchmarks/scaling.py --gpus-per-actor 1 --model sd15-random --size 512 --steps 30
+                                 # a random SD 1.5-shaped model, written for the run
 
 Each actor count runs the same job (real shards written, local Ray), interleaved
 (1, 2, 1, 2, ...), medians reported. Two throughputs per run: images / the manifest's wall
@@ -26,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from job_overhead import job_spec, run_bare, run_job, task_rows, write_prompts  # noqa: E402
+from sd15_folder import resolve_model  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -38,23 +41,25 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--model", default="builtin:tiny-random")
+    parser.add_argument("--model", default="builtin:tiny-random",
+                        help="a model source, or sd15-random (benchmarks/sd15_folder.py)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default float16 with GPUs, float32 without")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bare", action="store_true",
                         help="also time the bare pipeline in this process with 1..N threads")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.actors.split(",")]
 
+    args.dtype = args.dtype or ("float16" if args.gpus_per_actor else "float32")
     work = Path(tempfile.mkdtemp(prefix="scaling-"))
+    args.model = resolve_model(args.model, work)
     input_path = work / "prompts.parquet"
     write_prompts(input_path, args.rows)
     specs = {}
     for n in counts:
         args.actors = n
         spec = job_spec(args, input_path, work / f"out-{n}")
-        spec["compute"]["gpus_per_actor"] = args.gpus_per_actor
-        if args.gpus_per_actor:
-            spec["compute"]["dtype"] = "float16"
         path = work / f"job-{n}.json"
         path.write_text(json.dumps(spec))
         specs[n] = (path, work / f"out-{n}", spec)
@@ -69,7 +74,7 @@ def main(argv=None) -> None:
 
         bare_spec = parse_spec(specs[counts[0]][2])
         rows = task_rows(bare_spec)
-        pipeline = load_pipeline(args.model)
+        pipeline = load_pipeline(args.model, dtype=args.dtype)
         run_bare(pipeline, bare_spec, rows[: args.batch])  # warm-up
 
     results: dict[int, list[dict]] = {n: [] for n in counts}
@@ -86,6 +91,7 @@ def main(argv=None) -> None:
     kind = f"{args.gpus_per_actor:g} GPU(s)" if args.gpus_per_actor else "CPU"
     print(f"\nrows={args.rows} batch={args.batch} rows_per_shard={args.rows_per_shard} "
           f"steps={args.steps} size={args.size} sampler={args.sampler} model={args.model} "
+          f"dtype={args.dtype} "
           f"actors: {kind} each; repeats={args.repeats} (medians, interleaved)\n")
     print("| actors | wall s | images/s (wall) | busiest actor s | images/s (steady) "
           "| steady vs 1 actor |")

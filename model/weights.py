@@ -23,6 +23,7 @@ import importlib
 import json
 import pickle
 import re
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -421,14 +422,18 @@ def _folder_configs(folder: Path) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def content_hash(files: dict[str, Path]) -> str:
+class HashCancelled(Exception):
+    """content_hash stopped early because its caller no longer needs the result."""
+
+
+def content_hash(files: dict[str, Path], stop: threading.Event | None = None) -> str:
     """sha256 over each file's role, size and full bytes, in sorted role order.
 
     ``files`` maps a role that does not depend on where the model is stored (say
     ``unet/config.json``) to a path. It covers every weight and config file that shaped
     the model, so any change to a weight changes the hash, while copying the model
-    elsewhere or renaming it does not. Reading the bytes costs about a second per 2 GB,
-    small next to loading them, and it warms the page cache for the load.
+    elsewhere or renaming it does not. Reading and hashing 2 GB takes 1-3 s; `load_components`
+    runs it beside the load (`_BackgroundHash`). A set `stop` ends it with HashCancelled.
     """
     digest = hashlib.sha256()
     for role in sorted(files):
@@ -436,8 +441,39 @@ def content_hash(files: dict[str, Path]) -> str:
         digest.update(f"{role}:{path.stat().st_size}\n".encode())
         with open(path, "rb") as f:
             while chunk := f.read(1 << 22):
+                if stop is not None and stop.is_set():
+                    raise HashCancelled(str(path))
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+class _BackgroundHash:
+    """`content_hash` on a thread while the weights load: file reads and sha256 updates of
+    large chunks release the GIL, so the hash costs the load nothing where a core is free."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self._stop = threading.Event()
+        self._outcome: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(files,), daemon=True,
+                                        name="ldm-content-hash")
+        self._thread.start()
+
+    def _run(self, files: dict[str, Path]) -> None:
+        try:
+            self._outcome["hash"] = content_hash(files, self._stop)
+        except BaseException as error:  # handed to the caller by result()
+            self._outcome["error"] = error
+
+    def result(self) -> str:
+        self._thread.join()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["hash"]
+
+    def cancel(self) -> None:
+        """The load failed: stop reading (the thread ends at its next chunk)."""
+        self._stop.set()
+        self._thread.join()
 
 
 def _config_files(folder: Path) -> dict[str, Path]:
@@ -477,16 +513,20 @@ def load_components(
             src = _open_source(file)
             parts[component] = _Part(configs[component], _folder_plan(src), src)
         hashed = {f"{c}/weights": f for c, f in files.items()} | _config_files(config_dir or path)
-        models, parsed = _load_parts(parts, path, device, dtype, builder, problems)
         scheduler, tokenizer_dir = configs["scheduler"], config_dir or path
     else:
         src = _open_source(path)
         overrides = _folder_configs(config_dir) if config_dir is not None else {}
         parts, text_kind = _single_file_parts(path, src, overrides, problems)
         hashed = {"checkpoint": path} | (_config_files(config_dir) if config_dir else {})
-        models, parsed = _load_parts(parts, path, device, dtype, builder, problems)
         scheduler = overrides.get("scheduler") or dict(ldm.SCHEDULER_BY_TEXT_ENCODER[text_kind])
         tokenizer_dir = config_dir
+    digest = _BackgroundHash(hashed)
+    try:
+        models, parsed = _load_parts(parts, path, device, dtype, builder, problems)
+    except BaseException:
+        digest.cancel()
+        raise
     return Components(
         tokenizer=_tokenizer(tokenizer_dir),
         text_encoder=models["text_encoder"],
@@ -494,7 +534,7 @@ def load_components(
         vae=models["vae"],
         scheduler_config=scheduler,
         name=path.name,
-        content_hash=content_hash(hashed),
+        content_hash=digest.result(),
         configs=parsed,
     )
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -563,6 +564,35 @@ def test_content_hash_follows_the_weights(diffusers_folder, tmp_path):
     sd["conv_in.bias"] = sd["conv_in.bias"] + 1e-3
     save_file(sd, unet_file)
     assert weights.content_hash(files) != before
+
+
+def test_the_hash_made_beside_the_load_is_the_files_hash(diffusers_folder):
+    root, _ = diffusers_folder
+    loaded = load_components(root)  # hashes on a thread while the weights load
+    files = {f"{c}/weights": weights._folder_weights(root, c, torch.float32)
+             for c in ("unet", "vae", "text_encoder")} | weights._config_files(root)
+    assert loaded.content_hash == weights.content_hash(files)
+
+
+def test_a_failed_load_stops_its_hash_thread(diffusers_folder, tmp_path):
+    root, _ = diffusers_folder
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken)
+    vae_file = weights._folder_weights(broken, "vae", torch.float32)
+    # copies: the file may be memory-mapped, and it is rewritten below
+    sd = {k: v.clone() for k, v in weights.read_state_dict(vae_file).items()}
+    del sd["decoder.conv_out.weight"]
+    if vae_file.suffix == ".safetensors":
+        save_file(sd, vae_file)
+    else:
+        torch.save(sd, vae_file)
+    with pytest.raises(CheckpointError, match="decoder.conv_out.weight"):  # the load's error
+        load_components(broken)
+    assert not [t for t in threading.enumerate() if t.name == "ldm-content-hash"]
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(weights.HashCancelled):
+        weights.content_hash({"vae": vae_file}, stop)
 
 
 def test_missing_folder_parts(diffusers_folder, tmp_path):
