@@ -183,6 +183,39 @@ def test_submit_calls_the_jobs_api(tmp_path, job, monkeypatch, capsys) -> None:
     assert "--spec-json" in calls[1][1]["entrypoint"]
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_submit_to_a_cluster_that_wants_a_token_says_so(tmp_path, job, capsys, status) -> None:
+    """A Ray head with token authentication (the default of `ray start` in Ray 2.60) answers
+    401 or 403: a one-line error naming the token and RAY_AUTH_MODE, not a traceback. The
+    head is a real HTTP server on loopback answering as Ray's dashboard does."""
+    import http.server
+    import threading
+
+    class Head(http.server.BaseHTTPRequestHandler):
+        def _deny(self):
+            body = b"Unauthorized: Missing authentication token"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_HEAD = _deny
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Head)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert main(["submit", _write(tmp_path, job), "--address", address]) == 1
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert f"submit to {address} failed: Authentication" in err
+    assert "RAY_AUTH_MODE=token" in err and "Traceback" not in err
+
+
 def test_submit_warns_about_paths_a_cluster_cannot_see(tmp_path, job) -> None:
     from jobs.cli import submit_warnings
 
