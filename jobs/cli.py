@@ -137,10 +137,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         # Ray clusters started with token authentication (Ray's default since 2.5x) answer
         # 401/403; Ray's own `ray job submit` needs the same token and setting.
         first = str(error).strip().splitlines()[0] if str(error).strip() else "unauthorized"
-        raise CliError(
-            f"submit to {address} failed: {first}. The cluster wants a Ray auth token: make "
-            "it available (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH) "
-            "and set RAY_AUTH_MODE=token, as `ray job submit` needs too") from None
+        from jobs.runner import TOKEN_HINT
+
+        raise CliError(f"submit to {address} failed: {first}. The cluster wants a Ray auth "
+                       f"token: {TOKEN_HINT}, as `ray job submit` needs too") from None
     except (ConnectionError, RuntimeError) as error:
         # Ray raises RuntimeError both for an unreachable head and for a missing
         # ray[default] install; either way the message says what to do.

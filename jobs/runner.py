@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -42,6 +43,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 WAIT_NOTE_SECONDS = 60.0
 # A local Ray start taking more than this share of a job's wall time is worth a hint.
 START_NOTE_SHARE = 0.25
+# How long a named cluster's port may take to accept a TCP connection before `run` says it
+# is unreachable (Ray itself would retry for minutes, printing only warnings).
+ADDRESS_PROBE_SECONDS = 10.0
 
 WorkerFactory = Callable[..., Any]
 
@@ -246,13 +250,59 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, RayError) as error:
+            raise JobFailed(_join_failure(address, error)) from None
     else:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield address is None
     finally:
         ray.shutdown()
+
+
+def check_address(address: str, source: str = "--address") -> None:
+    """Fail at once, with a message, on an address Ray would reject with a traceback (a
+    dashboard URL) or retry for minutes (nothing listening there)."""
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise JobFailed(
+            f"{source} {address}: that is a dashboard / Jobs API address; `run` joins a "
+            "cluster by its GCS address (HEAD:6379) or ray://HEAD:10001. To hand the job to "
+            f"the cluster instead, use `ldm-jobs submit JOB.yaml --address {address}`")
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return  # a form we do not know: let Ray judge it
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_PROBE_SECONDS).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise JobFailed(
+            f"{source} {address}: nothing answers at {host}:{port} ({reason}); is the Ray "
+            "head up, and is this its GCS port (6379) or its client port (ray://, 10001)?"
+        ) from None
+
+
+TOKEN_HINT = ("make the cluster's token available (RAY_AUTH_TOKEN, or the file "
+              "~/.ray/auth_token or RAY_AUTH_TOKEN_PATH) and set RAY_AUTH_MODE=token")
+
+
+def _join_failure(address: str, error: BaseException) -> str:
+    """What went wrong joining `address`, without Ray's chained tracebacks."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    # Ray keeps the cause as an exception or, from its GCS client, as text in the message.
+    if any(type(e).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(e)
+           or "AuthenticationError" in str(e) for e in chain):
+        return (f"could not join the Ray cluster at {address}: it wants an authentication "
+                f"token (Ray's token auth); {TOKEN_HINT}")
+    return f"could not join the Ray cluster at {address}: {_last_line(chain[0])}"
 
 
 def _check_placeable(spec: JobSpec) -> None:
@@ -281,6 +331,9 @@ def run_job(
     ShardWorker subclass to inject failures.
     """
     started = time.monotonic()
+    named = address or os.environ.get("RAY_ADDRESS") or None
+    if named and not ray.is_initialized():  # before --overwrite deletes anything
+        check_address(named, "--address" if address else "RAY_ADDRESS")
     if overwrite:
         _check_before_clearing(spec)
         sinks.clear_output(spec)

@@ -55,6 +55,52 @@ def test_bad_spec_exits_2_naming_the_field(tmp_path, job, command, capsys) -> No
     assert not (tmp_path / "out").exists()
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # bound and closed again: nothing listens there now
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, message", [
+    ("http://127.0.0.1:8265", "dashboard / Jobs API address"),
+    ("127.0.0.1:{port}", "nothing answers at 127.0.0.1:{port} (Connection refused)"),
+    ("ray://127.0.0.1:{port}", "nothing answers at 127.0.0.1:{port}"),
+])
+def test_run_with_an_address_it_cannot_join_fails_fast_and_keeps_the_output(
+        tmp_path, job, address, message) -> None:
+    """Ray would answer a dashboard URL with a traceback and retry a dead address for
+    minutes; `run` says what is wrong at once, before --overwrite deletes anything."""
+    port = _closed_port()
+    address, message = address.format(port=port), message.format(port=port)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_manifest.json").write_text("{}")  # an earlier run's output
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs", "run", _write(tmp_path, job), "--overwrite",
+         "--address", address], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "out" / "_manifest.json").exists()
+
+
+def test_a_cluster_that_wants_a_token_is_named_as_such() -> None:
+    from jobs.runner import _join_failure
+
+    # Ray's GCS client keeps the authentication failure as text inside a RuntimeError,
+    # the context of the ConnectionError that ray.init raises.
+    try:
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: ... "
+                               "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken")
+        except RuntimeError:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from None
+    except ConnectionError as error:
+        assert "RAY_AUTH_MODE=token" in _join_failure("10.0.0.1:6379", error)
+    other = _join_failure("h:1", ConnectionError("refused"))
+    assert other == "could not join the Ray cluster at h:1: refused"
+
+
 def test_unknown_field_and_bad_override_exit_2(tmp_path, job, capsys) -> None:
     job["sampling"]["stepz"] = 3
     assert main(["validate", _write(tmp_path, job)]) == 2
