@@ -265,8 +265,17 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
 def check_address(address: str, source: str = "--address") -> None:
     """Fail at once, with a message, on an address Ray would reject with a traceback (a
     dashboard URL) or retry for minutes (nothing listening there)."""
-    if address in ("auto", "local"):
+    if address == "local":
         return
+    if address == "auto":  # the Ray that `ray start` recorded on this machine, if any
+        try:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+        except ImportError:  # a private helper: without it, Ray judges at ray.init
+            return
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as error:
+            raise JobFailed(f"{source} auto: {_last_line(error)}") from None
     if address.startswith(("http://", "https://")):
         raise JobFailed(
             f"{source} {address}: that is a dashboard / Jobs API address; `run` joins a "
