@@ -53,7 +53,7 @@ def main(argv=None) -> None:
 
     args.dtype = args.dtype or ("float16" if args.gpus_per_actor else "float32")
     work = Path(tempfile.mkdtemp(prefix="scaling-"))
-    args.model = resolve_model(args.model, work)
+    args.model = resolve_model(args.model, work, "cuda" if args.gpus_per_actor else "cpu")
     input_path = work / "prompts.parquet"
     write_prompts(input_path, args.rows)
     specs = {}

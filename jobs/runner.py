@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import AuthenticationError, RayError, RayTaskError
 
 from jobs import sinks
 from jobs.plan import RECORDS_DIR, ForeignOutputError, Plan, ShardPlan, make_plan
@@ -241,14 +241,14 @@ class _Dispatch:
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None) -> Iterator[bool]:
-    """Join `address` (or `RAY_ADDRESS`), else start a local Ray; reuse one already up.
+    """Join `address` (`run_job` resolves --address or RAY_ADDRESS into it), else start a
+    local Ray; reuse one already up.
 
     Yields whether Ray was started here, and shuts down only what it started.
     """
     if ray.is_initialized():
         yield False
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -307,7 +307,7 @@ def _join_failure(address: str, error: BaseException) -> str:
         chain.append(error)
         error = error.__cause__ or error.__context__
     # Ray keeps the cause as an exception or, from its GCS client, as text in the message.
-    if any(type(e).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(e)
+    if any(isinstance(e, AuthenticationError) or "InvalidAuthToken" in str(e)
            or "AuthenticationError" in str(e) for e in chain):
         return (f"could not join the Ray cluster at {address}: it wants an authentication "
                 f"token (Ray's token auth); {TOKEN_HINT}")
@@ -355,7 +355,7 @@ def run_job(
     ray_start = 0.0
     if pending:
         ray_started = time.monotonic()
-        with ray_session(address) as started_here:
+        with ray_session(named) as started_here:
             ray_start = time.monotonic() - ray_started if started_here else 0.0
             if started_here:
                 _check_placeable(spec)
