@@ -30,14 +30,14 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(PY) -m jobs run examples/demo.yaml --overwrite --set output.path=$(DEMO_OUT)
-	$(PY) -m jobs show $(DEMO_OUT) --sheet $(DEMO_OUT)_contact_sheet.png
+	$(PY) -m ldm_jobs run examples/demo.yaml --overwrite --set output.path=$(DEMO_OUT)
+	$(PY) -m ldm_jobs show $(DEMO_OUT) --sheet $(DEMO_OUT)_contact_sheet.png
 	@echo "images:        $(DEMO_OUT)/part-*.parquet"
 	@echo "manifest:      $(DEMO_OUT)/_manifest.json"
 	@echo "contact sheet: $(DEMO_OUT)_contact_sheet.png"
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check model jobs tests benchmarks
+	$(VENV)/bin/ruff check ldm_jobs model jobs tests benchmarks examples
 
 test: $(VENV)/.installed-test lint
 	$(PY) -m pytest -q -m "not slow" tests

@@ -104,12 +104,12 @@ def ours_on(ref: Reference, device: str, dtype: str, hashed: bool):
         pipe.device = torch.device(device)
         pipe.set_channels_last(pipe.device.type == "cpu")  # the default for the device
         return pipe
-    from model.configs import TextConfig, UNetConfig, VAEConfig, from_dict
-    from model.loading import assemble
-    from model.text_encoder import CLIPTextModel
-    from model.tokenizer import CLIPTokenizer
-    from model.unet import UNet
-    from model.vae import AutoencoderKL
+    from ldm_jobs.model.configs import TextConfig, UNetConfig, VAEConfig, from_dict
+    from ldm_jobs.model.loading import assemble
+    from ldm_jobs.model.text_encoder import CLIPTextModel
+    from ldm_jobs.model.tokenizer import CLIPTokenizer
+    from ldm_jobs.model.unet import UNet
+    from ldm_jobs.model.vae import AutoencoderKL
 
     with torch.device(device):
         unet = UNet(from_dict(UNetConfig, dict(ref.unet.config)))

@@ -8,7 +8,7 @@
 Three ways through the same rows (same prompts, seeds, sampler, steps and batch size),
 interleaved (job, bare, worker, job, ...), medians reported:
 
-- job:    `python -m jobs run SPEC --overwrite --quiet` in a fresh process on a local Ray,
+- job:    `python -m ldm_jobs run SPEC --overwrite --quiet` in a fresh process on a local Ray,
           writing real Parquet shards (PNG images), manifest and _SUCCESS;
 - bare:   `pipeline.generate` over the rows in batches, in this process, model already
           loaded, same torch threads as one Ray actor gets (num_cpus=1 -> 1 thread);
@@ -74,7 +74,7 @@ def run_job(spec_path: Path, output_path: Path, address: str | None = None) -> d
     if address:
         env["RAY_ADDRESS"] = address
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "jobs", "run", str(spec_path), "--overwrite",
+    done = subprocess.run([sys.executable, "-m", "ldm_jobs", "run", str(spec_path), "--overwrite",
                            "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True)
     process = time.perf_counter() - start
     if done.returncode != 0:
@@ -108,7 +108,7 @@ def task_rows(spec) -> list[tuple[str, str, int]]:
     """(id, prompt, seed) of every row, as the job derives them."""
     import pyarrow.parquet as pq
 
-    from jobs.rows import derive_seed
+    from ldm_jobs.jobs.rows import derive_seed
 
     table = pq.read_table(spec.input.path)
     return [(i, p, derive_seed(spec.sampling.seed, i))
@@ -116,7 +116,7 @@ def task_rows(spec) -> list[tuple[str, str, int]]:
 
 
 def run_bare(pipeline, spec, rows) -> dict:
-    from jobs.images import encode
+    from ldm_jobs.jobs.images import encode
 
     s = spec.sampling
     start = time.perf_counter()
@@ -135,9 +135,9 @@ def run_bare(pipeline, spec, rows) -> dict:
 
 
 def run_worker(pipeline, spec) -> dict:
-    from jobs import sinks
-    from jobs.plan import make_plan
-    from jobs.worker import ShardWorker
+    from ldm_jobs.jobs import sinks
+    from ldm_jobs.jobs.plan import make_plan
+    from ldm_jobs.jobs.worker import ShardWorker
 
     sinks.clear_output(spec)
     plan = make_plan(spec)
@@ -179,9 +179,9 @@ ray_up = time.perf_counter()
 @ray.remote(num_cpus=1, num_gpus={gpus!r})
 class Loader:
     def __init__(self):
-        import model
+        from ldm_jobs import model
     def load(self):
-        from model import load_pipeline
+        from ldm_jobs.model import load_pipeline
         start = time.perf_counter()
         self.pipe = load_pipeline({model!r}, device={device!r}, dtype={dtype!r})
         return time.perf_counter() - start
@@ -200,9 +200,9 @@ ray.shutdown()
 
 
 def interpreter_probe() -> float:
-    """Seconds for a fresh interpreter to import what `python -m jobs run` imports before
+    """Seconds for a fresh interpreter to import what `python -m ldm_jobs run` imports before
     it starts Ray (the driver never imports torch)."""
-    code = "import jobs.cli, jobs.runner, jobs.spec"
+    code = "import ldm_jobs.jobs.cli, ldm_jobs.jobs.runner, ldm_jobs.jobs.spec"
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -238,8 +238,8 @@ def main(argv=None) -> None:
     import torch
     from sd15_folder import resolve_model
 
-    from jobs.spec import parse_spec
-    from model import load_pipeline
+    from ldm_jobs.jobs.spec import parse_spec
+    from ldm_jobs.model import load_pipeline
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="job-overhead-"))

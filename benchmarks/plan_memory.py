@@ -33,8 +33,8 @@ CHILD = r"""
 import json, resource, sys, time
 args = json.loads(sys.argv[1])
 sys.path.insert(0, args["root"])
-from jobs.plan import make_plan
-from jobs.spec import parse_spec
+from ldm_jobs.jobs.plan import make_plan
+from ldm_jobs.jobs.spec import parse_spec
 
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -1,4 +1,4 @@
-"""1 actor vs 2 (or more) actors on the same rows, through `python -m jobs run`.
+"""1 actor vs 2 (or more) actors on the same rows, through `python -m ldm_jobs run`.
 
     python benchmarks/scaling.py                          # 128 prompts, tiny model, CPU actors
     python benchmarks/scaling.py --gpus-per-actor 1 --model PATH --size 512 --steps 30
@@ -69,8 +69,8 @@ def main(argv=None) -> None:
     if args.bare and not args.gpus_per_actor:
         import torch
 
-        from jobs.spec import parse_spec
-        from model import load_pipeline
+        from ldm_jobs.jobs.spec import parse_spec
+        from ldm_jobs.model import load_pipeline
 
         bare_spec = parse_spec(specs[counts[0]][2])
         rows = task_rows(bare_spec)

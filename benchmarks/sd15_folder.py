@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.configs import TextConfig, UNetConfig, VAEConfig  # noqa: E402
-from model.convert_ldm import SD1_SCHEDULER  # noqa: E402
-from model.export import save_folder  # noqa: E402
-from model.text_encoder import CLIPTextModel  # noqa: E402
-from model.unet import UNet  # noqa: E402
-from model.vae import AutoencoderKL  # noqa: E402
+from ldm_jobs.model.configs import TextConfig, UNetConfig, VAEConfig  # noqa: E402
+from ldm_jobs.model.convert_ldm import SD1_SCHEDULER  # noqa: E402
+from ldm_jobs.model.export import save_folder  # noqa: E402
+from ldm_jobs.model.text_encoder import CLIPTextModel  # noqa: E402
+from ldm_jobs.model.unet import UNet  # noqa: E402
+from ldm_jobs.model.vae import AutoencoderKL  # noqa: E402
 
 NAME = "sd15-random"  # what `--model sd15-random` in the job benchmarks asks for
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.tokenizer import DATA_DIR, CLIPTokenizer  # noqa: E402
+from ldm_jobs.model.tokenizer import DATA_DIR, CLIPTokenizer  # noqa: E402
 
 SUBJECTS = [
     "a photograph of an astronaut riding a horse", "a red fox in the snow", "portrait of an old man",

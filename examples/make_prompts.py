@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import shapes  # noqa: E402
+from ldm_jobs.model import shapes  # noqa: E402
 
 
 def prompts() -> pa.Table:

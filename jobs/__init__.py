@@ -1,6 +1,26 @@
-"""Bulk latent-diffusion image generation from prompt tables, on Ray."""
+"""Job specs, planning, the Ray runner and outputs (installed as ``ldm_jobs.jobs``).
 
-from .report import Output, open_output, show
-from .spec import JobSpec, SpecError, load_spec
+Names are loaded on first use, so importing the package (or running ``python -m jobs``
+from a source checkout) pulls in nothing heavy.
+"""
 
-__all__ = ["JobSpec", "Output", "SpecError", "load_spec", "open_output", "show"]
+from __future__ import annotations
+
+_EXPORTS = {
+    "Output": "ldm_jobs.jobs.report",
+    "open_output": "ldm_jobs.jobs.report",
+    "show": "ldm_jobs.jobs.report",
+    "JobSpec": "ldm_jobs.jobs.spec",
+    "SpecError": "ldm_jobs.jobs.spec",
+    "load_spec": "ldm_jobs.jobs.spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

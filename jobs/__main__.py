@@ -1,7 +1,8 @@
-"""`python -m jobs ...` is `ldm-jobs ...`."""
+"""`python -m ldm_jobs.jobs ...` (and `python -m jobs ...` from a source checkout) is
+`ldm-jobs ...`."""
 
 import sys
 
-from jobs.cli import main
+from ldm_jobs.jobs.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""`ldm-jobs` (and `python -m jobs`): run, submit, validate, show, schema.
+"""`ldm-jobs` (and `python -m ldm_jobs`): run, submit, validate, show, schema.
 
 Exit codes: 0 success; 1 the job ran but did not account for every row, or failed
 (a shard kept failing, the model did not load, storage errors); 2 a bad spec or bad
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import JobSpec, SpecError, load_spec, parse_spec, spec_schema
+from ldm_jobs.jobs.spec import JobSpec, SpecError, load_spec, parse_spec, spec_schema
 
 # The project root travels to a remote cluster as the Ray Jobs working_dir.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +38,11 @@ class CliError(Exception):
 # (module, exception class) -> exit code. Looked up in sys.modules when an error arrives,
 # so a command never imports a module (Ray above all) just to name its errors.
 ERROR_CODES: dict[tuple[str, str], int] = {
-    ("jobs.spec", "SpecError"): 2,
-    ("jobs.readers", "InputError"): 2,
-    ("jobs.storage", "StorageError"): 1,
-    ("jobs.report", "OutputError"): 1,
-    ("jobs.runner", "JobFailed"): 1,
+    ("ldm_jobs.jobs.spec", "SpecError"): 2,
+    ("ldm_jobs.jobs.readers", "InputError"): 2,
+    ("ldm_jobs.jobs.storage", "StorageError"): 1,
+    ("ldm_jobs.jobs.report", "OutputError"): 1,
+    ("ldm_jobs.jobs.runner", "JobFailed"): 1,
 }
 
 
@@ -69,7 +69,7 @@ def _read_spec(args: argparse.Namespace) -> JobSpec:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _read_spec(args)
-    from jobs.runner import run_job  # Ray is imported only when a job runs
+    from ldm_jobs.jobs.runner import run_job  # Ray is imported only when a job runs
 
     manifest = run_job(
         spec, address=args.address, overwrite=args.overwrite, progress=not args.quiet
@@ -92,7 +92,7 @@ def unaccounted_rows(manifest: dict) -> int:
 
 def submission_request(spec: JobSpec, *, overwrite: bool = False) -> dict[str, Any]:
     """The keyword arguments of `JobSubmissionClient.submit_job` for this spec."""
-    entrypoint = ["python", "-m", "jobs", "run", "--spec-json",
+    entrypoint = ["python", "-m", "ldm_jobs", "run", "--spec-json",
                   json.dumps(spec.model_dump(mode="json"), separators=(",", ":"))]
     if overwrite:
         entrypoint.append("--overwrite")
@@ -137,7 +137,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         # Ray clusters started with token authentication (Ray's default since 2.5x) answer
         # 401/403; Ray's own `ray job submit` needs the same token and setting.
         first = str(error).strip().splitlines()[0] if str(error).strip() else "unauthorized"
-        from jobs.runner import TOKEN_HINT
+        from ldm_jobs.jobs.runner import TOKEN_HINT
 
         raise CliError(f"submit to {address} failed: {first}. The cluster wants a Ray auth "
                        f"token: {TOKEN_HINT}, as `ray job submit` needs too") from None
@@ -154,14 +154,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = _read_spec(args)
-    from jobs.plan import make_plan  # reads the input's schema and lists committed shards
+    from ldm_jobs.jobs.plan import make_plan  # reads the input's schema and lists committed shards
 
     print(make_plan(spec).describe())
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from jobs.report import show
+    from ldm_jobs.jobs.report import show
 
     print(show(args.output, sheet=args.sheet))
     return 0

@@ -30,11 +30,11 @@ from typing import Any
 import ray
 from ray.exceptions import AuthenticationError, RayError, RayTaskError
 
-from jobs import sinks
-from jobs.plan import RECORDS_DIR, ForeignOutputError, Plan, ShardPlan, make_plan
-from jobs.progress import Progress
-from jobs.spec import JobSpec
-from jobs.worker import ShardResult, ShardWorker
+from ldm_jobs.jobs import sinks
+from ldm_jobs.jobs.plan import RECORDS_DIR, ForeignOutputError, Plan, ShardPlan, make_plan
+from ldm_jobs.jobs.progress import Progress
+from ldm_jobs.jobs.spec import JobSpec
+from ldm_jobs.jobs.worker import ShardResult, ShardWorker
 
 # A shard gets this many attempts in all (first try included) before the job fails.
 DEFAULT_MAX_ATTEMPTS = 3

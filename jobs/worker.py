@@ -79,7 +79,7 @@ class ShardWorker:
     def __init__(self, spec: JobSpec, device: str = "cpu", pipeline: Any = None,
                  worker_id: str | None = None):
         if pipeline is None:
-            from model import load_pipeline
+            from ldm_jobs.model import load_pipeline
 
             pipeline = load_pipeline(spec.model, device=device, dtype=spec.compute.dtype,
                                      storage=spec.storage)

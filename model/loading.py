@@ -118,7 +118,7 @@ def fetch_s3(uri: str, storage_spec=None) -> str:
     The cache is keyed by the URI; files already there are kept, so a second load of the
     same model (e.g. another actor on the machine) reads nothing from the store again.
     """
-    from jobs.storage import open_storage  # the project's one storage interface
+    from ldm_jobs.jobs.storage import open_storage  # the project's one storage interface
 
     cache_root = Path(os.environ.get("LDM_JOBS_CACHE", Path.home() / ".cache" / "ldm-jobs")) / "models"
     local = cache_root / hashlib.sha256(uri.encode()).hexdigest()[:16]

@@ -109,7 +109,7 @@ small jitter, and captions in five phrasings (size and position each left out 15
 the time).
 
 ## Model and training
-`python -m model.train_shapes --out model/builtin/shapes` (seed {record['seed']},
+`python -m ldm_jobs.model.train_shapes --out model/builtin/shapes` (seed {record['seed']},
 {record['threads']} threads on the {record.get('device', 'cpu')}): {_timing(record)}
 - VAE: 64x64 -> 16x16x4 latents, {params['vae'] / 1e6:.2f} M parameters, {record['vae_steps']} steps
   (batch 32) of MSE + L1 reconstruction with a light KL term; reconstruction loss over
@@ -143,7 +143,7 @@ check of 16 large circles, 8 landed on the named side); colours, shapes and size
 followed well.
 
 `samples.png` holds 32 held-out captions (`samples.txt`) at guidance 5.
-Reproduce the figures with `python -m model.shapes_eval model/builtin/shapes`.
+Reproduce the figures with `python -m ldm_jobs.model.shapes_eval model/builtin/shapes`.
 """
     (folder / "README.md").write_text(text)
 

@@ -1,7 +1,7 @@
 """Train the built-in ``builtin:shapes`` model from nothing, on pictures it draws itself.
 
-    python -m model.train_shapes --out model/builtin/shapes          # the shipped model
-    python -m model.train_shapes --out /tmp/shapes --quick           # a minute, for a try
+    python -m ldm_jobs.model.train_shapes --out model/builtin/shapes          # the shipped model
+    python -m ldm_jobs.model.train_shapes --out /tmp/shapes --quick           # a minute, for a try
 
 Three stages, all seeded: draw a captioned data set (``model.shapes``); train the VAE to
 reconstruct it; encode it once, then train the text encoder and the UNet together with

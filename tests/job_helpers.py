@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.spec import parse_spec
+from ldm_jobs.jobs.spec import parse_spec
 
 
 def make_spec(input_path, output_path, **sections):

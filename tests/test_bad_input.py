@@ -32,12 +32,12 @@ import yaml
 from job_helpers import make_spec
 from PIL import Image, ImageFile
 
-from jobs.cli import main
-from jobs.images import MAX_INIT_PIXELS, InitImageError, decode_init_image
-from jobs.plan import make_plan
-from jobs.rows import check_rows
-from jobs.spec import parse_spec
-from jobs.worker import ShardWorker
+from ldm_jobs.jobs.cli import main
+from ldm_jobs.jobs.images import MAX_INIT_PIXELS, InitImageError, decode_init_image
+from ldm_jobs.jobs.plan import make_plan
+from ldm_jobs.jobs.rows import check_rows
+from ldm_jobs.jobs.spec import parse_spec
+from ldm_jobs.jobs.worker import ShardWorker
 
 SIZE = 32
 
@@ -217,7 +217,7 @@ def test_bad_prompts(tmp_path, fake_pipeline):
 def test_longest_prompts_still_encode(tmp_path, fake_pipeline, image_format):
     # 10,000 four-byte characters in both prompts: 80 KB of UTF-8, more than a JPEG
     # segment holds. The image is written with its parameters shortened, not lost.
-    from jobs.images import read_parameters
+    from ldm_jobs.jobs.images import read_parameters
 
     table = pa.table({"id": ["emoji"], "prompt": ["\U0001F600" * 10_000],
                       "negative_prompt": ["\U0001F61E" * 10_000]})
@@ -394,7 +394,7 @@ class PoisonedUNet:
 
 @pytest.fixture(scope="module")
 def tiny_pipeline():
-    model = pytest.importorskip("model")
+    model = pytest.importorskip("ldm_jobs.model")
     try:
         return model.load_pipeline("builtin:tiny-random")
     except Exception as error:  # the model package may be mid-change

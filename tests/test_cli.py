@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs import cli
-from jobs.cli import main, submission_request, unaccounted_rows
-from jobs.progress import Progress, format_duration
-from jobs.spec import load_spec
+from ldm_jobs.jobs import cli
+from ldm_jobs.jobs.cli import main, submission_request, unaccounted_rows
+from ldm_jobs.jobs.progress import Progress, format_duration
+from ldm_jobs.jobs.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ def test_run_with_an_address_it_cannot_join_fails_fast_and_keeps_the_output(
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "_manifest.json").write_text("{}")  # an earlier run's output
     done = subprocess.run(
-        [sys.executable, "-m", "jobs", "run", _write(tmp_path, job), "--overwrite",
+        [sys.executable, "-m", "ldm_jobs", "run", _write(tmp_path, job), "--overwrite",
          "--address", address], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
@@ -85,7 +85,7 @@ def test_run_with_an_address_it_cannot_join_fails_fast_and_keeps_the_output(
 
 
 def test_a_cluster_that_wants_a_token_is_named_as_such() -> None:
-    from jobs.runner import _join_failure
+    from ldm_jobs.jobs.runner import _join_failure
 
     # Ray's GCS client keeps the authentication failure as text inside a RuntimeError,
     # the context of the ConnectionError that ray.init raises.
@@ -150,7 +150,7 @@ def test_schema_prints_json(capsys) -> None:
 
 
 def test_python_dash_m_jobs_is_the_cli() -> None:
-    done = subprocess.run([sys.executable, "-m", "jobs", "schema"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "ldm_jobs", "schema"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "JobSpec" in json.loads(done.stdout)["title"]
@@ -160,9 +160,9 @@ def test_python_dash_m_jobs_is_the_cli() -> None:
 
 
 def test_show_summarises_an_output_and_writes_a_sheet(tmp_path, job, capsys) -> None:
-    from jobs import sinks
-    from jobs.plan import make_plan
-    from jobs.worker import ShardWorker
+    from ldm_jobs.jobs import sinks
+    from ldm_jobs.jobs.plan import make_plan
+    from ldm_jobs.jobs.worker import ShardWorker
 
     spec = load_spec(_write(tmp_path, job))
     plan = make_plan(spec)
@@ -196,7 +196,7 @@ def test_submission_request_ships_the_resolved_spec(tmp_path, job) -> None:
     spec = load_spec(_write(tmp_path, job), ["sampling.steps=4"])
     request = submission_request(spec, overwrite=True)
     argv = shlex.split(request["entrypoint"])
-    assert argv[:4] == ["python", "-m", "jobs", "run"] and argv[-1] == "--overwrite"
+    assert argv[:4] == ["python", "-m", "ldm_jobs", "run"] and argv[-1] == "--overwrite"
     inline = json.loads(argv[argv.index("--spec-json") + 1])
     assert inline == spec.model_dump(mode="json") and inline["sampling"]["steps"] == 4
     runtime_env = request["runtime_env"]
@@ -263,7 +263,7 @@ def test_submit_to_a_cluster_that_wants_a_token_says_so(tmp_path, job, capsys, s
 
 
 def test_submit_warns_about_paths_a_cluster_cannot_see(tmp_path, job) -> None:
-    from jobs.cli import submit_warnings
+    from ldm_jobs.jobs.cli import submit_warnings
 
     local = submit_warnings(load_spec(_write(tmp_path, job)))
     assert [w.split()[0] for w in local] == ["output.path", "input.path"]
@@ -290,11 +290,12 @@ def test_unaccounted_rows() -> None:
 
 def test_run_exits_1_unless_every_row_is_accounted_for(tmp_path, job, monkeypatch,
                                                        capsys) -> None:
-    import jobs.runner
 
     manifest = {"counts": {"input_rows": 3, "accepted_rows": 1, "rejected": 0},
                 "complete": False, "missing_shards": ["part-00001"]}
-    monkeypatch.setattr(jobs.runner, "run_job", lambda spec, **kwargs: manifest)
+    import ldm_jobs.jobs.runner
+
+    monkeypatch.setattr(ldm_jobs.jobs.runner, "run_job", lambda spec, **kwargs: manifest)
     assert main(["run", _write(tmp_path, job), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "2 input row(s)" in err and "part-00001" in err

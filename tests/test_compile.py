@@ -17,9 +17,9 @@ import torch
 from job_helpers import make_spec
 from PIL import Image
 
-from jobs.plan import make_plan
-from jobs.worker import ShardWorker
-from model import load_pipeline
+from ldm_jobs.jobs.plan import make_plan
+from ldm_jobs.jobs.worker import ShardWorker
+from ldm_jobs.model import load_pipeline
 
 SIZE = 32
 PROMPTS = ["a red circle", "a blue square", "a green star", "a pink ring", "a black cross"]
@@ -102,7 +102,7 @@ def _job(tmp_path, compile_unet: bool):
 
 
 def test_a_compiled_worker_compiles_once_at_load_and_writes_the_same_rows(tmp_path, monkeypatch):
-    import model.pipeline as pipeline_module
+    import ldm_jobs.model.pipeline as pipeline_module
 
     calls = []
     original = pipeline_module.Pipeline.compile

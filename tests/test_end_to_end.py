@@ -23,10 +23,10 @@ import ray.cloudpickle
 import yaml
 from PIL import Image
 
-from jobs.cli import main
-from jobs.runner import JobFailed, run_job
-from jobs.spec import load_spec
-from jobs.worker import ShardWorker
+from ldm_jobs.jobs.cli import main
+from ldm_jobs.jobs.runner import JobFailed, run_job
+from ldm_jobs.jobs.spec import load_spec
+from ldm_jobs.jobs.worker import ShardWorker
 
 # Test-only worker subclasses below must reach the actors by value: the tests folder is
 # not on the workers' import path.
@@ -259,7 +259,7 @@ def test_shard_failing_every_attempt_fails_the_job(workdir: Path) -> None:
 def test_s3_input_and_output(s3_server, workdir: Path, clean_run: Path, capsys) -> None:
     import boto3
 
-    from jobs import open_output
+    from ldm_jobs.jobs import open_output
 
     bucket = s3_server.make_bucket(None)
     client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")

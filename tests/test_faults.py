@@ -28,9 +28,9 @@ import ray
 import ray.cloudpickle
 import yaml
 
-from jobs.runner import JobFailed, ModelLoadError, run_job
-from jobs.spec import load_spec, parse_spec
-from jobs.worker import ShardWorker
+from ldm_jobs.jobs.runner import JobFailed, ModelLoadError, run_job
+from ldm_jobs.jobs.spec import load_spec, parse_spec
+from ldm_jobs.jobs.worker import ShardWorker
 
 # The worker subclass and factories below reach the actors by value: the tests folder is
 # not on the workers' import path.
@@ -239,7 +239,7 @@ def test_actors_sigkilled_mid_shard_three_times(workdir: Path, clean: Path) -> N
 # ---- 2. the driver killed mid-job, then the same command again -------------------------
 
 def _cli(spec_file: Path, address: str) -> list[str]:
-    return [sys.executable, "-m", "jobs", "run", str(spec_file), "--address", address]
+    return [sys.executable, "-m", "ldm_jobs", "run", str(spec_file), "--address", address]
 
 
 def _cli_env() -> dict[str, str]:
@@ -308,8 +308,14 @@ def _diffusers_folder(path: Path) -> Path:
     """The tiny random model saved as a diffusers folder (configs and safetensors)."""
     from safetensors.torch import save_file
 
-    from model.configs import to_dict
-    from model.loading import SD1_SCHEDULER, TINY_TEXT, TINY_UNET, TINY_VAE, build_tiny_random
+    from ldm_jobs.model.configs import to_dict
+    from ldm_jobs.model.loading import (
+        SD1_SCHEDULER,
+        TINY_TEXT,
+        TINY_UNET,
+        TINY_VAE,
+        build_tiny_random,
+    )
 
     pipe = build_tiny_random("cpu", "float32")
     for component, module, config, stem in [
@@ -331,7 +337,7 @@ def _diffusers_folder(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def corrupt_model(workdir: Path) -> tuple[Path, Path]:
     """(a diffusers folder whose unet weights are truncated, that weights file)."""
-    from model import load_pipeline
+    from ldm_jobs.model import load_pipeline
 
     folder = _diffusers_folder(workdir / "corrupt-model")
     load_pipeline(str(folder))  # whole, it loads: the truncation below is the only fault

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_sd import diffusers_pipeline, make_reference, save_diffusers_folder
 
-from model import load_pipeline
+from ldm_jobs.model import load_pipeline
 
 
 def test_diffusers_folder_generates_like_diffusers(tmp_path):
@@ -83,7 +83,7 @@ def test_model_folder_loads_from_s3(tmp_path, s3_server, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no model found"):
         load_pipeline(f"s3://{bucket}/models/missing")
     # A job spec's storage.endpoint_url is enough, without the AWS endpoint variables.
-    from jobs.spec import StorageSpec
+    from ldm_jobs.jobs.spec import StorageSpec
 
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)

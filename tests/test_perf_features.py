@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import layers, load_pipeline
-from model import pipeline as pipeline_module
+from ldm_jobs.model import layers, load_pipeline
+from ldm_jobs.model import pipeline as pipeline_module
 
 PROMPTS = ["a red circle", "a blue square", "a red circle"]
 SEEDS = [3, 4, 5]

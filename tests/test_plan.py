@@ -5,10 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.plan import RowSlice, make_plan
-from jobs.readers import InputError, list_input_files, read_slice
-from jobs.spec import SpecError, parse_spec
-from jobs.storage import open_storage
+from ldm_jobs.jobs.plan import RowSlice, make_plan
+from ldm_jobs.jobs.readers import InputError, list_input_files, read_slice
+from ldm_jobs.jobs.spec import SpecError, parse_spec
+from ldm_jobs.jobs.storage import open_storage
 
 
 def make_spec(input_path, output_path, **sections):
@@ -161,7 +161,7 @@ def test_generated_suffix_clashes_found_at_planning(tmp_path):
 
 
 def test_empty_input_and_text_column_types(tmp_path, fake_pipeline):
-    from jobs.worker import ShardWorker
+    from ldm_jobs.jobs.worker import ShardWorker
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -195,7 +195,7 @@ def test_storage_errors_name_the_field(s3_server, tmp_path):
 
 
 def test_categorical_and_plain_columns_across_files(tmp_path, fake_pipeline):
-    from jobs.worker import ShardWorker
+    from ldm_jobs.jobs.worker import ShardWorker
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -225,8 +225,8 @@ def test_categorical_and_plain_columns_across_files(tmp_path, fake_pipeline):
 
 
 def test_overwrite_lets_through_only_a_foreign_output(s3_server, tmp_path):
-    from jobs.plan import ForeignOutputError
-    from jobs.runner import _check_before_clearing, run_job
+    from ldm_jobs.jobs.plan import ForeignOutputError
+    from ldm_jobs.jobs.runner import _check_before_clearing, run_job
 
     write_parquet(tmp_path / "a.parquet", ["a", "b", "c"])
     # Another job's shards in the output: that is what --overwrite clears.
@@ -276,8 +276,8 @@ def test_a_slow_local_ray_start_gets_a_hint(tmp_path, monkeypatch, capsys, fake_
     """When starting the local Ray is most of a job, `run` says how to avoid paying it."""
     import contextlib
 
-    from jobs import runner
-    from jobs.worker import ShardWorker
+    from ldm_jobs.jobs import runner
+    from ldm_jobs.jobs.worker import ShardWorker
 
     write_parquet(tmp_path / "in.parquet", ["p0", "p1"])
     spec = make_spec(tmp_path / "in.parquet", tmp_path / "out")

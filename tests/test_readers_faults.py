@@ -20,18 +20,18 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs import readers, sinks
-from jobs.cli import main
-from jobs.plan import make_plan
-from jobs.readers import (
+from ldm_jobs.jobs import readers, sinks
+from ldm_jobs.jobs.cli import main
+from ldm_jobs.jobs.plan import make_plan
+from ldm_jobs.jobs.readers import (
     InputError,
     clear_parsed_cache,
     describe_file,
     read_slice,
     read_slice_checked,
 )
-from jobs.storage import LocalStorage, StorageError, open_storage
-from jobs.worker import ShardWorker
+from ldm_jobs.jobs.storage import LocalStorage, StorageError, open_storage
+from ldm_jobs.jobs.worker import ShardWorker
 
 ROWS, GROUP = 60, 20  # three row groups: rows 0..19, 20..39, 40..59
 

@@ -20,10 +20,10 @@ import pytest
 import ray.cloudpickle
 from s3_fault_proxy import FaultProxy
 
-from jobs import storage as storage_module
-from jobs.readers import describe_file, read_slice
-from jobs.storage import RetryPolicy, S3Storage, StorageError, scrub
-from jobs.worker import ShardWorker
+from ldm_jobs.jobs import storage as storage_module
+from ldm_jobs.jobs.readers import describe_file, read_slice
+from ldm_jobs.jobs.storage import RetryPolicy, S3Storage, StorageError, scrub
+from ldm_jobs.jobs.worker import ShardWorker
 
 # The worker factory below must reach Ray's actors by value (tests/ is not importable there).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -377,8 +377,8 @@ def _read_output(direct, bucket: str, prefix: str) -> tuple[dict[str, bytes], li
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_job_survives_intermittent_faults(s3_server, proxy, direct, bucket, fast_retries):
-    from jobs.runner import run_job
-    from jobs.spec import parse_spec
+    from ldm_jobs.jobs.runner import run_job
+    from ldm_jobs.jobs.spec import parse_spec
 
     direct.put_object(Bucket=bucket, Key="prompts/p.parquet", Body=_prompts())
     clean = parse_spec(_job(f"s3://{bucket}/prompts/", f"s3://{bucket}/clean",
@@ -427,8 +427,8 @@ def test_job_survives_intermittent_faults(s3_server, proxy, direct, bucket, fast
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_job_with_failing_output_bucket_fails_naming_it(proxy, direct, bucket, fast_retries):
-    from jobs.runner import JobFailed, run_job
-    from jobs.spec import parse_spec
+    from ldm_jobs.jobs.runner import JobFailed, run_job
+    from ldm_jobs.jobs.spec import parse_spec
 
     direct.put_object(Bucket=bucket, Key="prompts/p.parquet", Body=_prompts())
     proxy.add("error", method="PUT", key="/broken/", status=500, code="InternalError",
@@ -451,7 +451,7 @@ def test_cli_reports_a_failing_output_store(proxy, bucket, direct, tmp_path, cap
                                             fast_retries):
     import yaml
 
-    from jobs.cli import main
+    from ldm_jobs.jobs.cli import main
 
     direct.put_object(Bucket=bucket, Key="prompts/p.parquet", Body=_prompts())
     proxy.add("error", method="GET", key="prefix=out/", status=503, count=None)
@@ -471,8 +471,8 @@ def test_cli_reports_a_failing_output_store(proxy, bucket, direct, tmp_path, cap
 def test_uploads_left_by_killed_writers_are_aborted_at_the_end(s3_server, direct, bucket):
     """A process killed inside a multipart upload leaves it open: invisible, but its parts
     are stored (and billed). The job's end aborts those of its own names, not others'."""
-    from jobs.sinks import remove_stale_temps
-    from jobs.spec import parse_spec
+    from ldm_jobs.jobs.sinks import remove_stale_temps
+    from ldm_jobs.jobs.spec import parse_spec
 
     for key in ("run/part-00003.parquet", "run/_shards/part-00003.errors.parquet",
                 "run/errors.parquet", "run/notes/part-00001.parquet", "run/user-file.bin",

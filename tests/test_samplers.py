@@ -21,9 +21,9 @@ from diffusers import (
     PNDMScheduler,
 )
 
-from model import samplers
-from model.configs import ConfigError
-from model.samplers import SAMPLERS, SamplerError, SchedulerConfig
+from ldm_jobs.model import samplers
+from ldm_jobs.model.configs import ConfigError
+from ldm_jobs.model.samplers import SAMPLERS, SamplerError, SchedulerConfig
 
 DIFFUSERS = {
     "ddim": (DDIMScheduler, {}),

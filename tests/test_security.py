@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.cli import main
-from jobs.plan import make_plan
-from jobs.spec import parse_spec
+from ldm_jobs.jobs.cli import main
+from ldm_jobs.jobs.plan import make_plan
+from ldm_jobs.jobs.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE_DIRS = ("model", "jobs")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import load_pipeline, shapes, shapes_eval
-from model.loading import BUILTIN_DIR, available_builtins
+from ldm_jobs.model import load_pipeline, shapes, shapes_eval
+from ldm_jobs.model.loading import BUILTIN_DIR, available_builtins
 
 FOLDER = BUILTIN_DIR / "shapes"
 
@@ -93,7 +93,7 @@ def held_out_scenes():
 
 
 def test_default_model_is_shapes(pipe):
-    from jobs.spec import JobSpec
+    from ldm_jobs.jobs.spec import JobSpec
 
     assert JobSpec.model_fields["model"].default == "builtin:shapes"
     assert pipe.name == "builtin:shapes" and len(pipe.content_hash) == 64

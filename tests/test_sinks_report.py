@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs import open_output, show
-from jobs.plan import make_plan
-from jobs.sinks import clear_output, finalize
-from jobs.spec import parse_spec
-from jobs.storage import open_storage
-from jobs.worker import ShardWorker
+from ldm_jobs.jobs import open_output, show
+from ldm_jobs.jobs.plan import make_plan
+from ldm_jobs.jobs.sinks import clear_output, finalize
+from ldm_jobs.jobs.spec import parse_spec
+from ldm_jobs.jobs.storage import open_storage
+from ldm_jobs.jobs.worker import ShardWorker
 
 
 def make_spec(input_path, output_path, **sections):
@@ -212,7 +212,7 @@ def test_s3_input_and_output_round_trip(s3_server, tmp_path, fake_pipeline):
 def test_opening_an_empty_location_is_a_clear_error(tmp_path):
     import pytest
 
-    from jobs.report import OutputError
+    from ldm_jobs.jobs.report import OutputError
 
     with pytest.raises(OutputError, match="no job output here"):
         open_output(str(tmp_path / "nothing"))

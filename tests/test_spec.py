@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from jobs.spec import (
+from ldm_jobs.jobs.spec import (
     JobSpec,
     SpecError,
     load_spec,

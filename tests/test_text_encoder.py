@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.configs import ConfigError, TextConfig
-from model.text_encoder import CLIPTextModel
-from model.tokenizer import DATA_DIR, CLIPTokenizer
+from ldm_jobs.model.configs import ConfigError, TextConfig
+from ldm_jobs.model.text_encoder import CLIPTextModel
+from ldm_jobs.model.tokenizer import DATA_DIR, CLIPTokenizer
 
 transformers = pytest.importorskip("transformers")
 

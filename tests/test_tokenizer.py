@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.tokenizer import DATA_DIR, CLIPTokenizer, TokenizerError
+from ldm_jobs.model.tokenizer import DATA_DIR, CLIPTokenizer, TokenizerError
 
 VOCAB, MERGES = DATA_DIR / "vocab.json", DATA_DIR / "merges.txt"
 ASTRONAUT_IDS = [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from model.configs import ConfigError, UNetConfig, from_dict
-from model.unet import UNet
+from ldm_jobs.model.configs import ConfigError, UNetConfig, from_dict
+from ldm_jobs.model.unet import UNet
 
 TOL = 1e-4
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as ReferenceVAE
 
-from model.configs import ConfigError, VAEConfig, from_dict
-from model.vae import AutoencoderKL
+from ldm_jobs.model.configs import ConfigError, VAEConfig, from_dict
+from ldm_jobs.model.vae import AutoencoderKL
 
 TOL = 1e-4
 

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the oracles must never reach a network
 
-from model import weights  # noqa: E402
-from model.weights import CheckpointError, load_components  # noqa: E402
+from ldm_jobs.model import weights  # noqa: E402
+from ldm_jobs.model.weights import CheckpointError, load_components  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -211,7 +211,7 @@ def test_single_file_matches_diffusers_conversion(sd1_files):
 
 
 def _has_ours() -> bool:
-    return all(importlib.util.find_spec(f"model.{m}") for m in ("unet", "vae", "text_encoder", "tokenizer"))
+    return all(importlib.util.find_spec(f"ldm_jobs.model.{m}") for m in ("unet", "vae", "text_encoder", "tokenizer"))
 
 
 def test_single_file_into_diffusers_modules(sd1_files, originals):
@@ -256,7 +256,7 @@ def test_sd2_style_unet(originals, tmp_path):
     model, _ = diffusers_builder("unet", config)
     model.load_state_dict(state, strict=True)
     check_unet(originals["sd2"], model.eval(), 64, ours=False)
-    if importlib.util.find_spec("model.unet"):
+    if importlib.util.find_spec("ldm_jobs.model.unet"):
         ours, _ = weights.build_ours("unet", config)
         ours.load_state_dict(state, strict=True)
         check_unet(originals["sd2"], ours.eval(), 64, ours=True)

@@ -8,10 +8,10 @@ import pytest
 from job_helpers import make_spec
 from PIL import Image
 
-from jobs.images import read_parameters
-from jobs.plan import make_plan
-from jobs.rows import MAX_PROMPT_CHARS, derive_seed
-from jobs.worker import ShardWorker
+from ldm_jobs.jobs.images import read_parameters
+from ldm_jobs.jobs.plan import make_plan
+from ldm_jobs.jobs.rows import MAX_PROMPT_CHARS, derive_seed
+from ldm_jobs.jobs.worker import ShardWorker
 
 
 def run_all(spec, pipeline):
@@ -175,7 +175,7 @@ def test_webdataset_member_names_are_safe(tmp_path, fake_pipeline):
 
 
 def test_real_tiny_pipeline(tmp_path):
-    model = pytest.importorskip("model")
+    model = pytest.importorskip("ldm_jobs.model")
     try:
         pipeline = model.load_pipeline("builtin:tiny-random")
     except Exception as error:  # the model package may still be in progress

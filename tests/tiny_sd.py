@@ -112,12 +112,12 @@ def make_reference(kind: str = "sd1", seed: int = 0) -> Reference:
 
 
 def ours_from_reference(ref: Reference, dtype: str = "float32"):
-    from model.configs import TextConfig, UNetConfig, VAEConfig, from_dict
-    from model.loading import assemble, content_hash
-    from model.text_encoder import CLIPTextModel
-    from model.tokenizer import CLIPTokenizer
-    from model.unet import UNet
-    from model.vae import AutoencoderKL
+    from ldm_jobs.model.configs import TextConfig, UNetConfig, VAEConfig, from_dict
+    from ldm_jobs.model.loading import assemble, content_hash
+    from ldm_jobs.model.text_encoder import CLIPTextModel
+    from ldm_jobs.model.tokenizer import CLIPTokenizer
+    from ldm_jobs.model.unet import UNet
+    from ldm_jobs.model.vae import AutoencoderKL
 
     unet = UNet(from_dict(UNetConfig, dict(ref.unet.config)))
     unet.load_state_dict(ref.unet.state_dict(), strict=True)

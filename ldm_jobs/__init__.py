@@ -1,0 +1,35 @@
+"""ldm-jobs: bulk latent-diffusion image generation from prompt tables, on Ray.
+
+The two halves install as ``ldm_jobs.model`` (the pipeline) and ``ldm_jobs.jobs`` (specs,
+planning, Ray, outputs); the everyday names are re-exported here, loaded on first use so
+that ``import ldm_jobs`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# In a source checkout (a clone, or the working_dir Ray Jobs uploads) the halves live in
+# the sibling folders model/ and jobs/; an installed copy has them inside this package.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "model" / "__init__.py").is_file():
+    __path__.append(str(_CHECKOUT))  # noqa: F821 - the package's own __path__
+
+_EXPORTS = {
+    "load_pipeline": "ldm_jobs.model.pipeline",
+    "Pipeline": "ldm_jobs.model.pipeline",
+    "open_output": "ldm_jobs.jobs.report",
+    "Output": "ldm_jobs.jobs.report",
+    "JobSpec": "ldm_jobs.jobs.spec",
+    "load_spec": "ldm_jobs.jobs.spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ldm_jobs' has no attribute {name!r}")
