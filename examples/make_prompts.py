@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldm_jobs.model import shapes  # noqa: E402
+from ldm_jobs.model.builtin.shapes import scenes as shapes  # noqa: E402
 
 
 def prompts() -> pa.Table:

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_jobs.model import load_pipeline, shapes, shapes_eval
+from ldm_jobs.model import load_pipeline
+from ldm_jobs.model.builtin.shapes import evaluate as shapes_eval
+from ldm_jobs.model.builtin.shapes import scenes as shapes
 from ldm_jobs.model.loading import BUILTIN_DIR, available_builtins
 
 FOLDER = BUILTIN_DIR / "shapes"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import shapes
+from . import scenes as shapes
 
 SEED_BASE = 1_000_000  # held-out seeds: training never draws noise from these
 BASIC = ("circle", "square", "triangle")
@@ -61,7 +61,7 @@ RUNS = [("dpmpp_2m", 5.0), ("dpmpp_2m", 1.0), ("ddim", 5.0), ("euler", 5.0)]
 
 
 def evaluate_folder(folder: str | Path, *, captions: set[str], n: int, seed: int) -> dict[str, Any]:
-    from .pipeline import load_pipeline
+    from ldm_jobs.model.pipeline import load_pipeline
 
     pipe = load_pipeline(str(folder))
     scenes = shapes.held_out(n, seed, captions)
@@ -102,14 +102,14 @@ triangle, star or ring) on a plain background, at a named position and size, 64x
                                              width=64, height=64, guidance_scale=5)
 
 ## Data
-`model/shapes.py`, deterministic from a seed: {record['pictures']:,} pictures (seed
+`model/builtin/shapes/scenes.py`, deterministic from a seed: {record['pictures']:,} pictures (seed
 {record['seed']}) of 5 shapes in 10 named colours on a background of another named
 colour, 9 positions (centre, left, right, top, bottom and the corners), 2 sizes, with
 small jitter, and captions in five phrasings (size and position each left out 15% of
 the time).
 
 ## Model and training
-`python -m ldm_jobs.model.train_shapes --out model/builtin/shapes` (seed {record['seed']},
+`python -m ldm_jobs.model.builtin.shapes.train --out model/builtin/shapes` (seed {record['seed']},
 {record['threads']} threads on the {record.get('device', 'cpu')}): {_timing(record)}
 - VAE: 64x64 -> 16x16x4 latents, {params['vae'] / 1e6:.2f} M parameters, {record['vae_steps']} steps
   (batch 32) of MSE + L1 reconstruction with a light KL term; reconstruction loss over
@@ -143,7 +143,7 @@ check of 16 large circles, 8 landed on the named side); colours, shapes and size
 followed well.
 
 `samples.png` holds 32 held-out captions (`samples.txt`) at guidance 5.
-Reproduce the figures with `python -m ldm_jobs.model.shapes_eval model/builtin/shapes`.
+Reproduce the figures with `python -m ldm_jobs.model.builtin.shapes.evaluate model/builtin/shapes`.
 """
     (folder / "README.md").write_text(text)
 

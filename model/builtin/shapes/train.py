@@ -1,9 +1,9 @@
 """Train the built-in ``builtin:shapes`` model from nothing, on pictures it draws itself.
 
-    python -m ldm_jobs.model.train_shapes --out model/builtin/shapes          # the shipped model
-    python -m ldm_jobs.model.train_shapes --out /tmp/shapes --quick           # a minute, for a try
+    python -m ldm_jobs.model.builtin.shapes.train --out model/builtin/shapes          # the shipped model
+    python -m ldm_jobs.model.builtin.shapes.train --out /tmp/shapes --quick           # a minute, for a try
 
-Three stages, all seeded: draw a captioned data set (``model.shapes``); train the VAE to
+Three stages, all seeded: draw a captioned data set (``scenes``); train the VAE to
 reconstruct it; encode it once, then train the text encoder and the UNet together with
 the usual noise-prediction objective, dropping 10% of captions (empty prompt) so that
 classifier-free guidance works. The UNet and text encoder weights written are an
@@ -26,14 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import shapes
-from .configs import TextConfig, UNetConfig, VAEConfig
-from .convert_ldm import SD1_SCHEDULER
-from .export import save_folder
-from .text_encoder import CLIPTextModel
-from .tokenizer import CLIPTokenizer
-from .unet import UNet
-from .vae import AutoencoderKL
+from ldm_jobs.model.configs import TextConfig, UNetConfig, VAEConfig
+from ldm_jobs.model.convert_ldm import SD1_SCHEDULER
+from ldm_jobs.model.export import save_folder
+from ldm_jobs.model.text_encoder import CLIPTextModel
+from ldm_jobs.model.tokenizer import CLIPTokenizer
+from ldm_jobs.model.unet import UNet
+from ldm_jobs.model.vae import AutoencoderKL
+
+from . import scenes as shapes
 
 MAX_TOKENS = 77  # the contract's [B, 77] prompt length, as every SD 1.x/2.x checkpoint has
 
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"wrote {out} after {trained_s:.0f}s of training")
     if args.eval:
-        from .shapes_eval import evaluate_folder, write_readme
+        from .evaluate import evaluate_folder, write_readme
 
         figures = evaluate_folder(out, captions=set(captions), n=args.eval, seed=args.seed + 1)
         write_readme(out, record, figures)
