@@ -283,6 +283,55 @@ def test_a_wrong_token_is_named_as_such(tmp_path, token_gcs, monkeypatch) -> Non
     assert token_gcs.calls == 2
 
 
+HEAD_SCRIPT = """
+import sys, ray
+ray.init(num_cpus=1, include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes it
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_real_token_head_is_refused_at_once_and_joined_with_the_token(tmp_path, job,
+                                                                        monkeypatch) -> None:
+    """A real Ray head with token auth (a local `ray.init` with RAY_AUTH_MODE=token, in a
+    process of its own, stopped by closing its stdin): `run` without the token stops at
+    once with the one message; the probe lets the right token through."""
+    from ldm_jobs.jobs.runner import TOKEN_HINT, check_address
+
+    token = "5eb0c7c2a1f04b6e9d3f28a7c4e1b0d9"
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    home = tmp_path / "home"  # no ~/.ray/auth_token of the real user is read or written
+    home.mkdir()
+    head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**base, "HOME": str(home), "RAY_AUTH_MODE": "token",
+                                 "RAY_AUTH_TOKEN": token})
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the head did not start"
+        result = subprocess.run([sys.executable, "-m", "ldm_jobs", "run",
+                                 _write(tmp_path, job), "--address", address],
+                                cwd=ROOT, env={**base, "HOME": str(home)},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            f"error: could not join the Ray cluster at {address}: it wants an "
+            f"authentication token (Ray's token auth); {TOKEN_HINT}")
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+        check_address(address)  # the probe with the cluster's token: answered
+    finally:
+        head.stdin.close()
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+
+
 def test_the_advice_to_keep_a_head_up_says_what_joining_needs() -> None:
     from ldm_jobs.jobs.runner import JOIN_HINT
 
