@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -90,25 +91,54 @@ def unaccounted_rows(manifest: dict) -> int:
                - int(counts["rejected"]))
 
 
-def submission_request(spec: JobSpec, *, overwrite: bool = False) -> dict[str, Any]:
-    """The keyword arguments of `JobSubmissionClient.submit_job` for this spec."""
+def submission_request(spec: JobSpec, *, overwrite: bool = False,
+                       env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The keyword arguments of `JobSubmissionClient.submit_job` for this spec; `env`
+    (from `--env`) becomes the job's environment variables on the cluster."""
     entrypoint = ["python", "-m", "ldm_jobs", "run", "--spec-json",
                   json.dumps(spec.model_dump(mode="json"), separators=(",", ":"))]
     if overwrite:
         entrypoint.append("--overwrite")
+    runtime_env: dict[str, Any] = {"working_dir": str(PROJECT_ROOT),
+                                   "excludes": list(SUBMIT_EXCLUDES)}
+    if env:
+        runtime_env["env_vars"] = dict(env)
     return {
         "entrypoint": shlex.join(entrypoint),
-        "runtime_env": {"working_dir": str(PROJECT_ROOT), "excludes": list(SUBMIT_EXCLUDES)},
+        "runtime_env": runtime_env,
         "metadata": {"ldm_jobs_name": spec.name},
     }
+
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def forwarded_env(names: Sequence[str]) -> dict[str, str]:
+    """`submit --env NAME` values, read from this environment (never from the command
+    line, so a secret stays out of shell history, logs and the manifest)."""
+    env = {}
+    for name in names:
+        if not ENV_NAME.match(name):
+            raise CliError(f"submit --env {name.split('=', 1)[0]}=...: give the variable's "
+                           "name only; its value is read from this environment"
+                           if "=" in name else f"submit --env {name!r}: not a variable name", 2)
+        if name not in os.environ:
+            raise CliError(f"submit --env {name}: {name} is not set in this environment", 2)
+        env[name] = os.environ[name]
+    return env
 
 
 def submit_warnings(spec: JobSpec) -> list[str]:
     """Local paths that will not mean the same thing on a remote cluster."""
     warnings = []
-    if "://" not in spec.output.path:
-        warnings.append(f"output.path {spec.output.path!r} is local: the images would stay in "
-                        "the job's temporary working directory on the cluster; use s3://")
+    if "://" not in spec.output.path and Path(spec.output.path).is_absolute():
+        warnings.append(f"output.path {spec.output.path!r} is local: the images are written to "
+                        "that path on the cluster's machines (the head's disk on a one-node "
+                        "cluster; with several nodes, each worker's own), not on this one; "
+                        "use s3:// or a folder every node shares")
+    elif "://" not in spec.output.path:
+        warnings.append(f"output.path {spec.output.path!r} is relative: the images would stay "
+                        "in the job's temporary working directory on the cluster; use s3://")
     path = Path(spec.input.path)
     first = path.parts[0] if path.parts else ""
     # A relative input under the project root travels with the working_dir upload.
@@ -125,6 +155,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise CliError("submit: --address http://HEAD:8265 (or RAY_ADDRESS) is required", 2)
+    env = forwarded_env(args.env)
     for warning in submit_warnings(spec):
         print(f"warning: {warning}", file=sys.stderr)
     from ray.exceptions import AuthenticationError
@@ -132,7 +163,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     try:
         client = JobSubmissionClient(address)
-        job_id = client.submit_job(**submission_request(spec, overwrite=args.overwrite))
+        job_id = client.submit_job(**submission_request(spec, overwrite=args.overwrite,
+                                                        env=env))
     except AuthenticationError as error:
         # Ray clusters started with token authentication (Ray's default since 2.5x) answer
         # 401/403; Ray's own `ray job submit` needs the same token and setting.
@@ -154,9 +186,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = _read_spec(args)
-    from ldm_jobs.jobs.plan import make_plan  # reads the input's schema and lists committed shards
+    # Reads the input's schema, lists committed shards, probes the output and the model.
+    from ldm_jobs.jobs.plan import check_model, make_plan, plan_warnings
 
-    print(make_plan(spec).describe())
+    plan = make_plan(spec)
+    check_model(spec)
+    print(plan.describe())
+    for warning in plan_warnings(spec):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -199,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(submit)
     submit.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265")
     submit.add_argument("--overwrite", action="store_true")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME",
+                        help="pass this environment variable (its value here) to the job, "
+                        "e.g. --env AWS_ENDPOINT_URL (repeatable); credentials normally come "
+                        "from the cluster's own role")
 
     validate = sub.add_parser("validate", help="check spec and input, print the plan")
     _add_spec_args(validate)
@@ -220,7 +261,18 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def interrupted_message(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """What to say after Ctrl-C: how to resume. With --overwrite, re-running the same
+    command would delete the shards kept so far, so the command to give drops it."""
+    if getattr(args, "overwrite", False):
+        again = shlex.join(["ldm-jobs", *(arg for arg in argv if arg != "--overwrite")])
+        return ("interrupted; committed shards are kept. To resume, run the command without "
+                f"--overwrite (with it, they would be deleted):\n  {again}")
+    return "interrupted; committed shards are kept, re-run the same command to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -228,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return error.code
     except KeyboardInterrupt:
-        print("interrupted; committed shards are kept, re-run to resume", file=sys.stderr)
+        print(interrupted_message(args, argv), file=sys.stderr)
         return 130
     except Exception as error:
         code = exit_code_for(error)

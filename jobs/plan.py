@@ -118,6 +118,28 @@ class Plan:
         return "\n".join(lines)
 
 
+def plan_warnings(spec: JobSpec) -> list[str]:
+    """Settings that work but are likely not what the user wants (printed, never fatal)."""
+    warnings = []
+    if spec.compute.gpus_per_actor == 0 and spec.compute.dtype in ("float16", "bfloat16"):
+        warnings.append(f"compute.dtype: {spec.compute.dtype} on a CPU (gpus_per_actor: 0) is "
+                        "slower than float32 there (CPUs have little half-precision "
+                        "arithmetic); use float32 unless the job runs on GPUs")
+    return warnings
+
+
+def check_model(spec: JobSpec) -> None:
+    """SpecError unless `spec.model` names a model a worker can load (no weights read):
+    a wrong name or path stops the job before Ray starts, not after actors loaded."""
+    from ldm_jobs.model.loading import check_source  # torch: only when a job is checked
+    from ldm_jobs.model.weights import CheckpointError
+
+    try:
+        check_source(spec.model, spec.storage)
+    except (OSError, ValueError, StorageError, CheckpointError) as error:
+        raise SpecError(f"model: {redact_text(str(error))}") from None
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}"
 
@@ -331,6 +353,7 @@ def make_plan(spec: JobSpec) -> Plan:
 
     try:
         out_storage = open_storage(spec.output.path, spec.storage)
+        out_storage.check_writable(spec.output.path)
         damaged: list[str] = []
         records = read_records(out_storage, spec, damaged)
     except StorageError as error:

@@ -124,17 +124,30 @@ def _summary(out: Output) -> list[str]:
     if manifest is None:
         return lines + ["manifest   (none yet: the job has not finalized)"]
     counts, timings, model = manifest["counts"], manifest["timings"], manifest["model"]
+    runs = manifest.get("runs") or []  # manifests written before runs were kept have none
     lines += [
         f"job        {manifest['name']}",
         f"model      {model['name']}" + (f" @{model['hash']}" if model.get("hash") else ""),
         f"rows       {counts['input_rows']} input, {counts['generated']} images generated, "
         f"{counts['rejected']} rejected",
         f"wall       {timings['wall_seconds']:.1f} s; busy {timings['busy_seconds_total']:.1f} s "
-        f"over {len(timings['busy_seconds'])} worker(s)",
+        f"over {len(timings['busy_seconds'])} worker(s)"
+        + (f" (all {len(runs)} runs)" if len(runs) > 1 else ""),
         f"rate       {timings['images_per_gpu_hour']} images per "
         f"{'GPU' if timings.get('accelerator') == 'gpu' else 'worker'}-hour",
     ]
+    if len(runs) > 1:  # a resumed job: each run's own figures
+        lines += [_run_line(number, run) for number, run in enumerate(runs, start=1)]
     return lines
+
+
+def _run_line(number: int, run: dict[str, Any]) -> str:
+    skipped = run.get("shards_skipped") or 0
+    return (f"run {number:<6} {run.get('started_at') or '?'}: {run.get('shards_run', 0)} "
+            f"shard(s), {run.get('generated', 0)} images"
+            + (f" ({skipped} shard(s) skipped, already committed)" if skipped else "")
+            + f"; wall {run.get('wall_seconds', 0):.1f} s, busy "
+            f"{run.get('busy_seconds_total', 0):.1f} s")
 
 
 def _error_lines(out: Output) -> list[str]:

@@ -31,7 +31,15 @@ import ray
 from ray.exceptions import AuthenticationError, RayError, RayTaskError
 
 from ldm_jobs.jobs import sinks
-from ldm_jobs.jobs.plan import RECORDS_DIR, ForeignOutputError, Plan, ShardPlan, make_plan
+from ldm_jobs.jobs.plan import (
+    RECORDS_DIR,
+    ForeignOutputError,
+    Plan,
+    ShardPlan,
+    check_model,
+    make_plan,
+    plan_warnings,
+)
 from ldm_jobs.jobs.progress import Progress
 from ldm_jobs.jobs.spec import JobSpec
 from ldm_jobs.jobs.worker import ShardResult, ShardWorker
@@ -221,6 +229,9 @@ class _Dispatch:
         try:
             result = ray.get(ref)
         except RayTaskError as exc:  # the worker raised; the actor itself is fine
+            if getattr(exc.cause, "permanent", False):  # permission denied, no such bucket
+                raise JobFailed(f"shard {shard.name}: {_error_text(exc)} (not retried: "
+                                "it would fail the same way again)") from None
             self._retry(shard, _error_text(exc))
             self.idle.append(slot)
         except RayError as exc:  # the actor's process is gone (killed, OOM, node lost)
@@ -249,6 +260,7 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
     if ray.is_initialized():
         yield False
         return
+    quiet_ray_banners()
     if address:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -262,11 +274,29 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
         ray.shutdown()
 
 
+class _DropBanners(logging.Filter):
+    """Drops the notices Ray prints on every local start ("Token authentication is enabled
+    for this Ray cluster..."): noise on each CLI run. Ray's own log files keep them."""
+
+    BANNERS = ("Token authentication is enabled for this Ray cluster",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.BANNERS)
+
+
+def quiet_ray_banners() -> None:
+    """Keep Ray's start-up banners out of this process's output (idempotent)."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropBanners) for f in logger.filters):
+        logger.addFilter(_DropBanners())
+
+
 def check_address(address: str, source: str = "--address") -> None:
     """Fail at once, with a message, on an address Ray would reject with a traceback (a
     dashboard URL) or retry for minutes (nothing listening there)."""
     if address == "local":
         return
+    given = address
     if address == "auto":  # the Ray that `ray start` recorded on this machine, if any
         try:
             from ray._private.services import canonicalize_bootstrap_address_or_die
@@ -293,10 +323,61 @@ def check_address(address: str, source: str = "--address") -> None:
             f"{source} {address}: nothing answers at {host}:{port} ({reason}); is the Ray "
             "head up, and is this its GCS port (6379) or its client port (ray://, 10001)?"
         ) from None
+    if not address.startswith("ray://"):
+        refusal = _token_refusal(host, int(port), auto=given == "auto")
+        if refusal:
+            raise JobFailed(f"could not join the Ray cluster at {address}: {refusal}")
 
 
+JOIN_HINT = ("later runs on this machine join it by themselves; one that names its address "
+             "(--address, RAY_ADDRESS) needs RAY_AUTH_MODE=token and the cluster's token "
+             "(RAY_AUTH_TOKEN or ~/.ray/auth_token) when the head uses token auth, as "
+             "`ray start` does once ~/.ray/auth_token exists; stop it with `ray stop`")
 TOKEN_HINT = ("make the cluster's token available (RAY_AUTH_TOKEN, or the file "
               "~/.ray/auth_token or RAY_AUTH_TOKEN_PATH) and set RAY_AUTH_MODE=token")
+
+
+def _local_token() -> str | None:
+    """The token Ray would send, from where Ray reads it: RAY_AUTH_TOKEN, else the file
+    named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def _token_refusal(host: str, port: int, *, auto: bool = False) -> str | None:
+    """Why the GCS at host:port refuses this machine, asked the way `ray.init` first asks
+    (its cluster id), with the token Ray would send; None when it answers or the question
+    cannot be put. A token-auth cluster answers UNAUTHENTICATED at once, where `ray.init`
+    retries for 20 s printing a warning a second."""
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # Ray's internals moved: ray.init judges, slowly but correctly
+        return None
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    # Ray sends a token with RAY_AUTH_MODE=token; for `auto` also when the mode is unset.
+    token = _local_token() if mode == "token" or (auto and not mode) else None
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    with grpc.insecure_channel(target) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), metadata=metadata,
+                              timeout=ADDRESS_PROBE_SECONDS)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+                return None
+            if token:
+                return ("it refused this machine's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+                        "or ~/.ray/auth_token); use the cluster's own token")
+            return f"it wants an authentication token (Ray's token auth); {TOKEN_HINT}"
+    return None
 
 
 def _join_failure(address: str, error: BaseException) -> str:
@@ -339,7 +420,7 @@ def run_job(
     `worker_factory(spec, device=...)` builds the per-actor worker; tests pass a
     ShardWorker subclass to inject failures.
     """
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     named = address or os.environ.get("RAY_ADDRESS") or None
     if named and not ray.is_initialized():  # before --overwrite deletes anything
         check_address(named, "--address" if address else "RAY_ADDRESS")
@@ -349,11 +430,18 @@ def run_job(
     plan = make_plan(spec)
     pending = plan.pending()
     bar = Progress(plan.input_rows, _committed_rows(plan), enabled=progress)
+    for warning in plan_warnings(spec):
+        bar.note(f"warning: {warning}")
     if plan.damaged:
         bar.note(f"{len(plan.damaged)} shard record(s) in {RECORDS_DIR}/ could not be read "
                  f"({', '.join(plan.damaged[:5])}); those shards run again")
+    skipped = len(plan.shards) - len(pending)
+    if pending and skipped:
+        bar.note(f"resuming: {skipped} of {len(plan.shards)} shard(s) already committed, "
+                 "skipped")
     ray_start = 0.0
     if pending:
+        check_model(spec)  # a wrong model name or path stops here, before Ray starts
         ray_started = time.monotonic()
         with ray_session(named) as started_here:
             ray_start = time.monotonic() - ray_started if started_here else 0.0
@@ -364,10 +452,14 @@ def run_job(
     wall_seconds = time.monotonic() - started
     if ray_start > START_NOTE_SHARE * wall_seconds:
         bar.note(f"starting a local Ray took {ray_start:.0f} of the job's {wall_seconds:.0f} s; "
-                 "for many small jobs keep one up with `ray start --head` (later runs on "
-                 "this machine join it) and stop it with `ray stop`")
-    manifest = sinks.finalize(spec, plan, wall_seconds)
-    bar.close(spec.output.path, wall_seconds)
+                 f"for many small jobs keep one up with `ray start --head`: {JOIN_HINT}")
+    manifest = sinks.finalize(spec, plan, wall_seconds, started_at=started_at)
+    if pending:
+        bar.close(spec.output.path, wall_seconds)
+    elif manifest["complete"]:
+        bar.note(f"already complete: all {len(plan.shards)} shard(s) of {spec.output.path} "
+                 f"were committed by an earlier run ({manifest['counts']['generated']} "
+                 "images); nothing to do. --overwrite starts afresh")
     return manifest
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import string
 import tarfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -180,10 +181,41 @@ def _model(spec: JobSpec, records: list[dict]) -> dict[str, Any]:
     return model
 
 
-def finalize(spec: JobSpec, plan: Plan, wall_seconds: float) -> dict[str, Any]:
+def _runs(storage: Storage, spec: JobSpec, plan: Plan, records: list[dict],
+          wall_seconds: float, started_at: float | None) -> list[dict[str, Any]]:
+    """The runs that built this output, oldest first: the earlier manifest's list plus
+    this run, when it committed shards (a run that found everything done adds nothing).
+    Each run has its own wall and busy time, so a resumed job's timings stay honest."""
+    runs: list[dict[str, Any]] = []
+    path = storage.join(spec.output.path, MANIFEST)
+    try:
+        earlier = json.loads(storage.read_bytes(path)) if storage.exists(path) else {}
+    except (ValueError, UnicodeDecodeError):
+        earlier = {}  # a damaged manifest is rewritten below; its history is lost with it
+    if isinstance(earlier, dict) and isinstance(earlier.get("runs"), list):
+        runs = [run for run in earlier["runs"] if isinstance(run, dict)]
+    mine = [record for record in records if record["name"] not in plan.committed]
+    if mine or not runs:
+        timings = _timings(spec, mine, wall_seconds)
+        runs.append({
+            "started_at": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at))
+                           if started_at is not None else None),
+            "wall_seconds": timings["wall_seconds"],
+            "shards_run": len(mine),
+            "shards_skipped": len(plan.committed),
+            "generated": sum(record["rows"] for record in mine),
+            "busy_seconds_total": timings["busy_seconds_total"],
+            "images_per_gpu_hour": timings["images_per_gpu_hour"],
+        })
+    return runs
+
+
+def finalize(spec: JobSpec, plan: Plan, wall_seconds: float,
+             started_at: float | None = None) -> dict[str, Any]:
     """Write errors.parquet (only when a row was rejected) and _manifest.json, then
     _SUCCESS if every row is accounted for.
 
+    `wall_seconds` is this run's; `started_at` (epoch seconds) dates it in `runs`.
     Returns the manifest; `manifest["complete"]` tells whether _SUCCESS was written.
     """
     storage = open_storage(spec.output.path, spec.storage)
@@ -215,13 +247,16 @@ def finalize(spec: JobSpec, plan: Plan, wall_seconds: float) -> dict[str, Any]:
     accepted = sum(record["accepted_rows"] for record in records)
     rejected = sum(record["rejected"] for record in records)
     complete = not missing and accepted + rejected == plan.input_rows
+    runs = _runs(storage, spec, plan, records, wall_seconds, started_at)
     manifest = {
         "name": spec.name,
         "spec": spec.public_dict(),
         "model": _model(spec, records),
         "counts": {"input_rows": plan.input_rows, "generated": sum(r["rows"] for r in records),
                    "rejected": rejected, "accepted_rows": accepted},
-        "timings": _timings(spec, records, wall_seconds),
+        # Every run's busy time against every run's wall time; `runs` splits them up.
+        "timings": _timings(spec, records, sum(run["wall_seconds"] for run in runs)),
+        "runs": runs,
         "shards": [{"name": r["name"], "file": r["file"], "rows": r["rows"],
                     "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
         "missing_shards": missing,

@@ -273,10 +273,13 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> JobSpec:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise SpecError(f"{path}: cannot read job spec: {error.strerror or error}") from None
+    except UnicodeDecodeError:  # a Parquet file or an image given where the spec goes
+        raise SpecError(f"{path}: not a job spec: a binary file, not YAML/JSON text "
+                        "(an input file goes in the spec's input.path)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML/JSON: {error}") from None
+        raise SpecError(f"{path}: not valid YAML/JSON: {' '.join(str(error).split())}") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a job spec must be a mapping, got {type(data).__name__}")

@@ -17,6 +17,7 @@ the `LDM_JOBS_S3_*` environment variables override them per process.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import io
@@ -56,11 +57,30 @@ T = TypeVar("T")
 
 
 class StorageError(Exception):
-    """A storage operation failed; the message names the file, or bucket and key."""
+    """A storage operation failed; the message names the file, or bucket and key.
+
+    `permanent` marks a failure that no retry can mend (permission denied, a file where a
+    folder should be, no such bucket): the job stops at once instead of retrying it.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class NotFoundError(StorageError):
     """The object (or its bucket) does not exist."""
+
+
+# OS errors that a retry cannot mend: the same write fails the same way every time
+# (EEXIST: os.makedirs found a file where the folder should be).
+PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                              errno.EROFS, errno.EEXIST})
+
+
+def _os_error(path: str, action: str, error: OSError) -> StorageError:
+    return StorageError(f"{path}: cannot {action}: {error.strerror or error}",
+                        permanent=error.errno in PERMANENT_ERRNOS)
 
 
 class Storage:
@@ -103,6 +123,11 @@ class Storage:
         """A seekable file for pyarrow readers (Parquet reads only the ranges it needs)."""
         return self.arrow_filesystem().open_input_file(self.arrow_path(path))
 
+    def check_writable(self, folder: str) -> None:
+        """Raise StorageError unless files can be written under `folder` (checked before
+        any work, so a job never generates images it cannot keep). Object stores are
+        judged by their listing (a missing bucket, access denied) instead."""
+
     def abort_uploads(self, prefix: str, keep: Callable[[str], bool] | None = None) -> int:
         """Abort unfinished multipart uploads under ``prefix`` (whose keys ``keep`` does not
         protect); returns how many. Only object stores have them."""
@@ -131,7 +156,7 @@ class LocalStorage(Storage):
             with open(_local(path), "rb") as handle:
                 return handle.read()
         except OSError as error:
-            raise StorageError(f"{path}: cannot read: {error.strerror or error}") from None
+            raise _os_error(path, "read", error) from None
 
     def write_atomic(self, path: str, data: bytes) -> None:
         target = _local(path)
@@ -152,10 +177,26 @@ class LocalStorage(Storage):
                     os.unlink(temp)
                 raise
         except OSError as error:
-            raise StorageError(f"{path}: cannot write: {error.strerror or error}") from None
+            raise _os_error(path, "write", error) from None
 
     def exists(self, path: str) -> bool:
         return os.path.isfile(_local(path))
+
+    def check_writable(self, folder: str) -> None:
+        root = _local(folder)
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"{os.path.abspath(root)}: cannot create the output folder: "
+                               f"{error.strerror or error}", permanent=True) from None
+        probe = os.path.join(root, f".tmp-write-probe-{os.getpid()}")
+        try:
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as error:
+            raise StorageError(f"{os.path.abspath(root)}: cannot write in the output folder: "
+                               f"{error.strerror or error}", permanent=True) from None
 
     def version(self, path: str) -> Any:
         try:
@@ -163,7 +204,7 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise NotFoundError(f"{path}: no such file") from None
         except OSError as error:
-            raise StorageError(f"{path}: cannot read: {error.strerror or error}") from None
+            raise _os_error(path, "read", error) from None
         return (info.st_size, info.st_mtime_ns, info.st_ino)
 
     def is_dir(self, path: str) -> bool:
@@ -175,7 +216,7 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             pass
         except OSError as error:
-            raise StorageError(f"{path}: cannot delete: {error.strerror or error}") from None
+            raise _os_error(path, "delete", error) from None
 
     def join(self, *parts: str) -> str:
         return os.path.join(*parts)
@@ -393,12 +434,12 @@ class S3Storage(Storage):
         code, status, _ = _client_error_parts(error)
         where = f"s3://{bucket}/{key}"
         if code == "NoSuchBucket":
-            return NotFoundError(f"{where}: bucket '{bucket}' does not exist")
+            return NotFoundError(f"{where}: bucket '{bucket}' does not exist", permanent=True)
         if code in ("NoSuchKey", "404", "NotFound"):
             return NotFoundError(f"{where}: no such key '{key}' in bucket '{bucket}'")
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
             return StorageError(f"{where}: cannot {action}: access denied to key '{key}' in "
-                                f"bucket '{bucket}' ({scrub(_describe(error))})")
+                                f"bucket '{bucket}' ({scrub(_describe(error))})", permanent=True)
         tries = f"; gave up after {attempts} attempts in {elapsed:.1f}s" if attempts > 1 else ""
         return StorageError(f"{where}: cannot {action} key '{key}' in bucket '{bucket}': "
                             f"{scrub(_describe(error))}{tries}")

@@ -141,6 +141,47 @@ def fetch_s3(uri: str, storage_spec=None) -> str:
 BUILTINS = {"tiny-random": build_tiny_random}
 
 
+def check_source(source: str, storage=None) -> None:
+    """Raise, naming the problem, unless ``load(source)`` can find a model there; no
+    weights are read (a job checks its model this way before starting any worker).
+
+    Built-in names must exist; a folder needs ``model_index.json``, its components'
+    configs and weight files; a single file's header must parse and its keys and shapes
+    fit a known family (the loader's own inference); ``s3://`` objects must exist.
+    """
+    from . import weights
+
+    if not isinstance(source, str) or not source:
+        raise ValueError("model source must be a non-empty string")
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name in BUILTINS:
+            return
+        if not (BUILTIN_DIR / name / "model_index.json").is_file():
+            raise FileNotFoundError(f"no built-in model builtin:{name}; available: "
+                                    f"{', '.join('builtin:' + b for b in available_builtins())}")
+        source = str(BUILTIN_DIR / name)
+    if source.startswith("s3://"):
+        from ldm_jobs.jobs.storage import open_storage
+
+        store = open_storage(source, storage)
+        paths = store.list(source)
+        if not paths and not store.exists(source):
+            raise FileNotFoundError(f"no model found at {source}")
+        if paths and source.rstrip("/") + "/model_index.json" not in paths:
+            raise FileNotFoundError(f"{source}: not a diffusers folder (no model_index.json)")
+        return
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise weights.CheckpointError(f"{path}: not a diffusers folder (no model_index.json)")
+        weights._folder_configs(path)
+        for component in weights._MODELS:
+            weights._folder_weights(path, component, torch.float32)
+        return
+    weights._single_file_parts(path, weights._open_source(path), {}, weights._Problems())
+
+
 def load(source: str, *, device="cpu", dtype="float32", config: str | None = None, storage=None) -> Pipeline:
     if not isinstance(source, str) or not source:
         raise ValueError("model source must be a non-empty string")

@@ -12,3 +12,12 @@ def make_spec(input_path, output_path, **sections):
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return parse_spec(data)
+
+
+def write_yaml(folder, data, name="job.yaml") -> str:
+    """`data` saved as a YAML job spec in `folder`; returns its path."""
+    import yaml
+
+    path = folder / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
