@@ -1,6 +1,6 @@
 /* ldm-jobs gallery. Opens from disk: data comes inline (the summary) or as <script src>
-   files that call GALLERY_GROUP / GALLERY_ERRORS, never through fetch(), which browsers
-   refuse for file:// pages. The state lives in the URL's hash, so Back and links work. */
+   files that call GALLERY_GROUP / GALLERY_ERRORS, never through the Fetch API, which
+   browsers refuse for file:// pages. The state lives in the URL's hash, so Back and links work. */
 (function () {
   "use strict";
   const S = JSON.parse(document.getElementById("summary").textContent);
