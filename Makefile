@@ -42,7 +42,7 @@ lint: $(VENV)/.installed-test
 # The gallery's tests drive a real browser: Debian's Chromium and its driver (root on a
 # Debian machine); without them those tests skip and say why.
 browser:
-	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver) \
+	@(command -v chromium && command -v chromedriver) >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver) \
 		|| echo "note: could not install chromium and chromium-driver; the gallery's browser tests will be skipped"
 
 test: $(VENV)/.installed-test lint browser

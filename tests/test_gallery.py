@@ -22,6 +22,7 @@ import pytest
 from conftest import FakePipeline
 from PIL import Image
 
+from ldm_jobs import open_output
 from ldm_jobs.jobs import sinks
 from ldm_jobs.jobs.cli import main
 from ldm_jobs.jobs.gallery import write_gallery
@@ -55,10 +56,11 @@ def make_input(path: Path, rows: int = ROWS) -> Path:
     return path
 
 
-def job_spec(input_path, output_path, rows_per_shard: int = 64):
+def job_spec(input_path, output_path, rows_per_shard: int = 64, **output):
     return parse_spec({"name": "gallery-test", "model": "builtin:tiny-random",
                        "input": {"path": str(input_path)},
-                       "output": {"path": str(output_path), "rows_per_shard": rows_per_shard},
+                       "output": {"path": str(output_path), "rows_per_shard": rows_per_shard,
+                                  **output},
                        "sampling": {"width": 32, "height": 32, "steps": 1}})
 
 
@@ -364,6 +366,21 @@ def test_rerun_thumbnails_only_new_shards(tmp_path):
     assert third.new_shards == 0
 
 
+def test_webdataset_output_with_jpeg_images(tmp_path):
+    spec = job_spec(make_input(tmp_path / "in.parquet", rows=40), tmp_path / "out",
+                    rows_per_shard=16, format="webdataset", image_format="jpeg")
+    run_shards(spec)
+    result = write_gallery(str(tmp_path / "out"), str(tmp_path / "site"))
+    expected = [row["id"] for row in open_output(str(tmp_path / "out")).iter_images()]
+    assert result.rows == len(expected) == 38 and result.shards == 3
+    groups = (tmp_path / "site" / "data" / "group-00000.js").read_text()
+    content = json.loads(groups[len("GALLERY_GROUP("):-len(");\n")])
+    ids = content["columns"]["id"]
+    assert (ids if isinstance(ids, list) else [ids["d"][c] for c in ids["c"]]) == expected
+    full = sorted((tmp_path / "site" / "images").rglob("*.jpg"))
+    assert len(full) == 38 and Image.open(full[0]).format == "JPEG"
+
+
 def _summary(site: Path) -> dict:
     return _summary_from(site.joinpath("index.html").read_text())
 
@@ -375,11 +392,11 @@ def test_gallery_written_back_to_the_bucket(tmp_path, s3_server):
     output = f"s3://{bucket}/runs/demo"
     spec = job_spec(make_input(tmp_path / "in.parquet", rows=40), output, rows_per_shard=16)
     run_shards(spec)
-    assert main(["show", output, "--html", f"{output}/gallery"]) == 0
+    assert main(["show", output, "--html", f"{output}/_gallery"]) == 0
     client = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
     keys = {item["Key"] for page in client.get_paginator("list_objects_v2").paginate(
-        Bucket=bucket, Prefix="runs/demo/gallery/") for item in page.get("Contents", [])}
-    names = {key.removeprefix("runs/demo/gallery/") for key in keys}
+        Bucket=bucket, Prefix="runs/demo/_gallery/") for item in page.get("Contents", [])}
+    names = {key.removeprefix("runs/demo/_gallery/") for key in keys}
     assert {"index.html", "assets/gallery.js", "assets/gallery.css", "data/group-00000.js",
             "data/errors.js"} <= names
     ids_by_shard = {}
@@ -391,11 +408,22 @@ def test_gallery_written_back_to_the_bucket(tmp_path, s3_server):
         for row in range(count):
             assert f"thumbs/{shard}/{row:06d}.webp" in names
             assert f"images/{shard}/{row:06d}.png" in names
-    html = client.get_object(Bucket=bucket, Key="runs/demo/gallery/index.html")["Body"].read()
+    html = client.get_object(Bucket=bucket, Key="runs/demo/_gallery/index.html")["Body"].read()
     summary = _summary_from(html.decode())
     assert summary["link"] == ".." and summary["rows"] == sum(ids_by_shard.values())
-    again = write_gallery(output, f"{output}/gallery")
-    assert again.new_shards == 0 and again.rows == summary["rows"]
+    again = write_gallery(output, f"{output}/_gallery")
+    assert again.new_shards == 0 and again.rows == summary["rows"] and again.note == ""
+    # The output still reads as it did: the site's files are not taken for shards.
+    assert open_output(output).parquet_files == [f"{output}/part-{n:05d}.parquet"
+                                                 for n in range(3)]
+
+
+def test_a_site_inside_the_output_gets_a_note(job, tmp_path):
+    output = shutil.copytree(job / "out", tmp_path / "out")
+    inside = write_gallery(str(output), str(output / "gallery"))
+    assert "leading '_'" in inside.note and "gallery" in inside.note
+    assert write_gallery(str(output), str(output / "_gallery")).note == ""
+    assert write_gallery(str(output), str(tmp_path / "site")).note == ""
 
 
 def _summary_from(html: str) -> dict:

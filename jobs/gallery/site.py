@@ -52,10 +52,12 @@ class GalleryResult:
     new_shards: int  # shards thumbnailed by this run (the others were done before)
     rejected: int
     groups: int
+    note: str = ""  # a word about where the site was put, when it matters
 
     def describe(self) -> str:
-        return (f"gallery    {self.dest}/index.html: {self.rows} images in {self.shards} "
+        text = (f"gallery    {self.dest}/index.html: {self.rows} images in {self.shards} "
                 f"shard(s) ({self.new_shards} new this run), {self.rejected} rejected rows")
+        return text + (f"\nnote       {self.note}" if self.note else "")
 
 
 class Destination:
@@ -109,6 +111,25 @@ def output_link(output_uri: str, dest_uri: str) -> str:
         if out_bucket == dest_bucket:
             return posixpath.relpath("/" + out_key.strip("/"), "/" + dest_key.strip("/"))
     return redact_text(output_uri)
+
+
+def placement_note(output_uri: str, dest_uri: str) -> str:
+    """A warning when the site sits inside the output under a name that readers of the
+    whole folder (pyarrow.dataset, which skips only `_` and `.` names) would read as data."""
+    def norm(uri: str) -> str:
+        return (uri if "://" in uri and not uri.startswith("file://")
+                else os.path.abspath(uri.removeprefix("file://")).replace(os.sep, "/"))
+
+    output, dest = norm(output_uri).rstrip("/"), norm(dest_uri).rstrip("/")
+    if not dest.startswith(output + "/"):
+        return ""
+    first = dest[len(output) + 1:].split("/")[0]
+    if first.startswith(("_", ".")):
+        return ""
+    return (f"the site is inside the output under '{first}': readers of the whole output "
+            "folder (pyarrow.dataset, ray.data) would take its files for data; name it with "
+            f"a leading '_' (e.g. {redact_text(output_uri.rstrip('/'))}/_gallery) or put it "
+            "beside the output")
 
 
 def _index_state(dest: Destination) -> dict[str, Any]:
@@ -264,5 +285,6 @@ def write_gallery(output_uri: str, dest_uri: str, storage_spec: StorageSpec | No
         dest.write(f"assets/{name}", _asset(name))
     dest.write(INDEX, json.dumps(state, sort_keys=True).encode())
     return GalleryResult(redact_text(dest.uri), builder.total, len(out.shard_files), new,
-                         rejected, len(builder.group_sizes))
+                         rejected, len(builder.group_sizes),
+                         placement_note(output_uri, dest_uri))
 

@@ -289,7 +289,7 @@
       : "Showing " + (total ? (first + 1) + "-" + (first + indices.length) + " of " : "") + total + " images";
     document.body.dataset.page = String(page);
     document.body.dataset.results = String(total);
-    document.body.dataset.rendered = String(performance.now() - started);
+    document.body.dataset.rendered = String(performance.now() - started);  // for benchmarks
   }
 
   // ---- the detail view ------------------------------------------------------------------
