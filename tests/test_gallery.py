@@ -381,6 +381,16 @@ def test_webdataset_output_with_jpeg_images(tmp_path):
     assert len(full) == 38 and Image.open(full[0]).format == "JPEG"
 
 
+def test_a_damaged_shard_is_named(tmp_path, capsys):
+    spec = job_spec(make_input(tmp_path / "in.parquet", rows=40), tmp_path / "out",
+                    rows_per_shard=16)
+    run_shards(spec)
+    shard = tmp_path / "out" / "part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])  # a cut-off file: no Parquet footer
+    assert main(["show", str(tmp_path / "out"), "--html", str(tmp_path / "site")]) == 1
+    assert f"{shard}: cannot read this shard" in capsys.readouterr().err
+
+
 def _summary(site: Path) -> dict:
     return _summary_from(site.joinpath("index.html").read_text())
 

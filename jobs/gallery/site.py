@@ -28,10 +28,10 @@ from typing import Any
 
 from ..report import Output, open_output
 from ..spec import StorageSpec, redact_text
-from ..storage import LocalStorage, NotFoundError, open_storage, split_s3
+from ..storage import LocalStorage, NotFoundError, StorageError, open_storage, split_s3
 from .index import PAGE_SIZE, GroupBuilder, ShardCache, dumps
 from .plots import duration_plot, outcome_plot, throughput_plot
-from .source import jsonable, rejected_rows, shard_name, shard_records, shard_rows
+from .source import base_name, jsonable, rejected_rows, shard_name, shard_records, shard_rows
 from .thumbs import ThumbnailPool
 
 ASSETS = ("gallery.css", "gallery.js")
@@ -158,10 +158,16 @@ def _thumbnail_new_shards(out: Output, dest: Destination, records: dict[str, dic
             key = _shard_key(out, path, records.get(name))
             if state["shards"].get(name) == key:
                 continue
-            cache = ShardCache(name, path.replace("\\", "/").rsplit("/", 1)[-1], key)
-            images = pool.shard(name, shard_rows(out, path),
-                                lambda row, cache=cache: cache.add(
-                                    {column: jsonable(value) for column, value in row.items()}))
+            cache = ShardCache(name, base_name(path), key)
+            try:
+                images = pool.shard(name, shard_rows(out, path),
+                                    lambda row, cache=cache: cache.add(
+                                        {column: jsonable(v) for column, v in row.items()}))
+            except (StorageError, OSError):
+                raise
+            except Exception as error:  # a shard that does not read: name it
+                raise GalleryError(f"{redact_text(path)}: cannot read this shard "
+                                   f"({type(error).__name__}: {error})") from None
             cache.ext = [image.ext for image in images]
             cache.image_error = [image.error for image in images]
             dest.write(f"cache/{name}.json", cache.to_json())
@@ -266,8 +272,7 @@ def write_gallery(output_uri: str, dest_uri: str, storage_spec: StorageSpec | No
         "title": title, "output": redact_text(out.uri), "complete": out.complete,
         "model": (manifest.get("model") or {}).get("name"),
         "link": output_link(output_uri, dest_uri),
-        "shard_files": {shard_name(path): path.replace("\\", "/").rsplit("/", 1)[-1]
-                        for path in out.shard_files},
+        "shard_files": {shard_name(path): base_name(path) for path in out.shard_files},
         "rows": builder.total, "rejected": rejected, "pending": pending,
         "page_size": PAGE_SIZE, "group_rows": builder.group_rows,
         "groups": builder.group_sizes, "columns": builder.columns,

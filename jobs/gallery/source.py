@@ -19,9 +19,14 @@ from ..plan import RECORDS_DIR
 from ..report import Output, _parquet_rows, _tar_rows
 
 
+def base_name(path: str) -> str:
+    """`.../part-00003.parquet` -> `part-00003.parquet` (local or s3:// paths)."""
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def shard_name(path: str) -> str:
     """`.../part-00003.parquet` -> `part-00003`."""
-    return path.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return base_name(path).rsplit(".", 1)[0]
 
 
 def shard_rows(out: Output, path: str) -> Iterator[dict[str, Any]]:
@@ -41,7 +46,7 @@ def shard_records(out: Output) -> dict[str, dict[str, Any]]:
     (the job itself regenerates their shards), so a plot may miss a shard, never lie."""
     records = {}
     for path in out.storage.list(records_folder(out)):
-        base = path.replace("\\", "/").rsplit("/", 1)[-1]
+        base = base_name(path)
         if not (base.startswith("part-") and base.endswith(".json")):
             continue
         try:
