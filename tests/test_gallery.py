@@ -475,6 +475,7 @@ def test_groups_cut_across_shards_and_keep_every_value():
     by_column = {facet["column"]: dict(map(tuple, facet["values"])) for facet in facets}
     assert by_column["sampler"] == {"euler": 9, "ddim": 6}
     assert by_column["loras"] == {"a": 9, None: 6}  # a list counts under each element's name
+    assert by_column["extra"] == {None: 11, 1: 1, 2: 1, 3: 1, 4: 1}  # rows before it: none
     assert "id" not in by_column
 
 

@@ -11,7 +11,6 @@ loads a group only when it shows or searches it.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,15 +28,29 @@ def dumps(value: Any, sort_keys: bool = True) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
 
 
+def value_key(value: Any) -> Any:
+    """A JSON value's identity, hashable: a scalar by its type and itself (1, 1.0 and true
+    differ in JSON), anything else by its JSON text (slower, and rare)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return (type(value), value)
+    return (list, dumps(value))
+
+
 def encode_column(values: list[Any]) -> Any:
     """A plain list, or {"d": distinct values, "c": codes} where values repeat enough."""
-    keys = [dumps(value) for value in values]
-    distinct: dict[str, int] = {}
-    for key in keys:
-        distinct.setdefault(key, len(distinct))
-    if len(distinct) > max(8, len(values) // 4):
-        return values
-    return {"d": [json.loads(key) for key in distinct], "c": [distinct[key] for key in keys]}
+    limit = max(8, len(values) // 4)
+    codes: dict[Any, int] = {}
+    distinct: list[Any] = []
+    keys = []
+    for value in values:
+        key = value_key(value)
+        if key not in codes:
+            if len(distinct) == limit:
+                return values  # ids, prompts, seeds: a dictionary would not save anything
+            codes[key] = len(distinct)
+            distinct.append(value)
+        keys.append(key)
+    return {"d": distinct, "c": [codes[key] for key in keys]}
 
 
 def facet_tokens(value: Any) -> list[Any]:
@@ -97,7 +110,8 @@ class GroupBuilder:
         self.emit = emit
         self.group_rows = group_rows
         self.columns: list[str] = []
-        self.facets: dict[str, Counter | None] = {}
+        # column -> {value key: [value, rows]}; None once it has too many values
+        self.facets: dict[str, dict[Any, list[Any]] | None] = {}
         self.group_sizes: list[int] = []
         self.total = 0
         self._reset()
@@ -135,13 +149,19 @@ class GroupBuilder:
         self.buffered += count
 
     def _count(self, name: str, values: list[Any]) -> None:
-        counter = self.facets.setdefault(name, Counter())
-        if counter is None:
+        if name not in self.facets:  # a column new in this shard: the rows before lack it
+            before = self.total + self.buffered
+            self.facets[name] = {value_key(None): [None, before]} if before else {}
+        counts = self.facets[name]
+        if counts is None:
             return
         for value in values:
             for token in facet_tokens(value):
-                counter[dumps(token)] += 1
-        if len(counter) > FACET_MAX_VALUES:
+                entry = counts.get(value_key(token))
+                if entry is None:
+                    entry = counts[value_key(token)] = [token, 0]
+                entry[1] += 1
+        if len(counts) > FACET_MAX_VALUES:
             self.facets[name] = None  # too many values to pick from
 
     def _flush(self) -> None:
@@ -168,9 +188,8 @@ class GroupBuilder:
         self._flush()
         facets = []
         for name in self.columns:
-            counter = self.facets.get(name)
-            if counter and len(counter) >= 2:
-                values = sorted(counter.items(), key=lambda item: (-item[1], item[0]))
-                facets.append({"column": name,
-                               "values": [[json.loads(key), count] for key, count in values]})
+            counts = self.facets.get(name)
+            if counts and len(counts) >= 2:
+                values = sorted(counts.values(), key=lambda entry: (-entry[1], str(entry[0])))
+                facets.append({"column": name, "values": values})
         return facets
