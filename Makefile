@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= out/demo
 
-.PHONY: demo test lint venv install install-test bench clean
+.PHONY: demo test lint venv install install-test bench clean browser
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,13 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check ldm_jobs model jobs tests benchmarks examples
 
-test: $(VENV)/.installed-test lint
+# The gallery's tests drive a real browser: Debian's Chromium and its driver (root on a
+# Debian machine); without them those tests skip and say why.
+browser:
+	@(command -v chromium && command -v chromedriver) >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver) \
+		|| echo "note: could not install chromium and chromium-driver; the gallery's browser tests will be skipped"
+
+test: $(VENV)/.installed-test lint browser
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(VENV)/.installed-test

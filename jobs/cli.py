@@ -44,6 +44,7 @@ ERROR_CODES: dict[tuple[str, str], int] = {
     ("ldm_jobs.jobs.storage", "StorageError"): 1,
     ("ldm_jobs.jobs.report", "OutputError"): 1,
     ("ldm_jobs.jobs.runner", "JobFailed"): 1,
+    ("ldm_jobs.jobs.gallery.site", "GalleryError"): 1,
 }
 
 
@@ -201,6 +202,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     from ldm_jobs.jobs.report import show
 
     print(show(args.output, sheet=args.sheet))
+    if args.html:
+        from ldm_jobs.jobs.gallery import write_gallery
+
+        print(write_gallery(args.output, args.html).describe())
     return 0
 
 
@@ -247,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="summarise an output; optionally a contact sheet")
     show.add_argument("output", metavar="OUTPUT", help="output folder or s3:// prefix")
     show.add_argument("--sheet", metavar="FILE.png", help="write a contact sheet here")
+    show.add_argument("--html", metavar="DIR", help="write (or update) a static gallery site "
+                      "here, a folder or s3:// prefix; open DIR/index.html in a browser")
 
     sub.add_parser("schema", help="print the job spec's JSON schema")
     return parser

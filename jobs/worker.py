@@ -220,6 +220,7 @@ class ShardWorker:
     # ---- one shard ---------------------------------------------------------------------------
     def run(self, shard: ShardPlan) -> ShardResult:
         started = time.perf_counter()
+        started_at = time.time()  # wall clock, for the gallery's throughput over time
         spec = self.spec
         table, global_rows, sources, unreadable = self._read(shard)
         load = self._init_image_loader(sources, skip=unreadable)
@@ -259,6 +260,7 @@ class ShardWorker:
             "rows": output.num_rows, "input_rows": shard.rows, "accepted_rows": accepted_rows,
             "rejected": len(rejected), "bytes": len(data), "sha256": digest,
             "busy_seconds": busy, "worker": self.worker_id, "model": self.model, "errors": None,
+            "started_at": round(started_at, 3), "finished_at": round(started_at + busy, 3),
         }
         commit_shard(self.output_storage, spec, shard, data, errors, record)
         return ShardResult(shard.name, output.num_rows, len(rejected), len(data), digest,
