@@ -35,7 +35,7 @@ from .readers import (
     read_slice,
     unify,
 )
-from .rows import OVERRIDE_COLUMNS
+from .rows import OVERRIDE_COLUMNS, size_text
 from .spec import JobSpec, SpecError, redact_text
 from .storage import Storage, StorageError, open_storage
 
@@ -100,7 +100,7 @@ class Plan:
                               else "row index, zero-padded to 8 digits"),
             f"overrides  {', '.join(overrides) or '(none)'}",
             f"sampling   {spec.sampling.sampler}, {spec.sampling.steps} steps, "
-            f"cfg {spec.sampling.guidance_scale}, {spec.sampling.width}x{spec.sampling.height}, "
+            f"cfg {spec.sampling.guidance_scale}, {size_text(spec)}, "
             f"seed {spec.sampling.seed}, {spec.sampling.images_per_prompt} image(s) per prompt",
             f"output     {spec.output.path} ({spec.output.format}, {spec.output.image_format})",
             f"compute    {spec.compute.actors} actor(s), {spec.compute.gpus_per_actor:g} GPU(s) "

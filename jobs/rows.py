@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import decimal
 import hashlib
+import importlib.util
+import json
 import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -42,6 +45,54 @@ from .spec import (
 
 OVERRIDE_COLUMNS = ("negative_prompt", "seed", "steps", "guidance_scale", "sampler", "width",
                     "height", "strength", "init_image")
+
+
+def with_native_size(spec: JobSpec, native_size: tuple[int, int]) -> JobSpec:
+    """The spec with the sampling width/height it leaves out set to the model's native
+    (width, height), so every image task and output row carries its real size."""
+    sampling = spec.sampling
+    width, height = native_size
+    if sampling.width is not None and sampling.height is not None:
+        return spec
+    resolved = sampling.model_copy(update={"width": sampling.width or width,
+                                           "height": sampling.height or height})
+    return spec.model_copy(update={"sampling": resolved})
+
+
+def native_size_hint(source: str) -> tuple[int, int] | None:
+    """A model's native (width, height) where its configs tell it without loading weights
+    or torch (a built-in or local diffusers folder); None where they cannot (a single
+    file, s3://, a model built in code)."""
+    if source.startswith("builtin:"):
+        package = importlib.util.find_spec("ldm_jobs.model")
+        roots = (package.submodule_search_locations or []) if package else []
+        folders = [Path(root, "builtin", source.removeprefix("builtin:")) for root in roots]
+    else:
+        folders = [] if "://" in source else [Path(source)]
+    for folder in folders:
+        try:
+            sample = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
+            levels = json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]
+            height, width = sample if isinstance(sample, list) else (sample, sample)
+            factor = 2 ** (len(levels) - 1)
+            return int(width) * factor, int(height) * factor
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def size_text(spec: JobSpec) -> str:
+    """The job's image size for the plan: `WxH`, resolved from the model's configs where
+    that is cheap, else said to be the model's native size."""
+    width, height = spec.sampling.width, spec.sampling.height
+    if width is not None and height is not None:
+        return f"{width}x{height}"
+    native = native_size_hint(spec.model)
+    if native is not None:
+        return f"{width or native[0]}x{height or native[1]} (the model's native size)"
+    if width is None and height is None:
+        return "native size of the model"
+    return f"width {width or 'native'}, height {height or 'native'} (native: the model's own)"
 
 
 def derive_seed(base_seed: int, image_id: str) -> int:

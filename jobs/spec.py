@@ -126,8 +126,9 @@ class SamplingSpec(_Strict):
     sampler: Sampler = "dpmpp_2m"
     steps: Int = Field(25, ge=1, le=MAX_STEPS)
     guidance_scale: Guidance = 7.5
-    width: Size = 512
-    height: Size = 512
+    width: Size | None = Field(None, description="image width; unset: the model's native "
+                               "size (64 for builtin:shapes, 512 SD 1.x, 768 SD 2.x v, 1024 SDXL)")
+    height: Size | None = Field(None, description="image height; unset: the model's native size")
     seed: Int = Field(0, ge=0, le=MAX_SEED)
     images_per_prompt: Int = Field(1, ge=1, le=10_000)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)

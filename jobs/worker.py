@@ -30,7 +30,7 @@ from PIL import Image
 from .images import decode_init_image, encode, parameters_text
 from .plan import ShardPlan, shard_path
 from .readers import conform, read_slice_checked, unify
-from .rows import ImageTask, Rejection, batches, check_rows, row_id
+from .rows import ImageTask, Rejection, batches, check_rows, row_id, with_native_size
 from .sinks import IMAGE_FIELDS, SINKS, commit_shard, errors_table, passthrough_columns
 from .spec import JobSpec, redact_text
 from .storage import open_storage
@@ -83,7 +83,8 @@ class ShardWorker:
 
             pipeline = load_pipeline(spec.model, device=device, dtype=spec.compute.dtype,
                                      storage=spec.storage)
-        self.spec = spec
+        # sizes the spec leaves out are the model's own (the pipeline knows it once loaded)
+        self.spec = spec = with_native_size(spec, pipeline.native_size)
         self.pipeline = pipeline
         if spec.compute.compile:
             self._compile()

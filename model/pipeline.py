@@ -26,6 +26,7 @@ from . import samplers as sampling
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SEED = 2**63 - 1
 MAX_SIDE = 4096
+SIZE_MULTIPLE = 8  # image sides are multiples of 8, as in a job spec (and SD's VAE needs)
 # Distinct prompt strings whose text embeddings a pipeline keeps (an SD 1.x entry is
 # 77 x 768 values): a job's negative prompt, and prompts repeated across images, are
 # encoded once. 0 turns the cache off.
@@ -177,31 +178,53 @@ class Pipeline:
         return sampling.to_device(x, self.device)
 
     # ----------------------------------------------------------------- public API
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(width, height) the model was trained at: the UNet's ``sample_size`` (latent
+        pixels) times the VAE factor. What ``generate`` draws when no size is given."""
+        sample = self.unet.config.sample_size
+        height, width = sample if isinstance(sample, (list, tuple)) else (sample, sample)
+        return int(width) * self.vae_factor, int(height) * self.vae_factor
+
     @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[str],
-        seeds: Sequence[int],
+        seeds: Sequence[int] | None = None,
         negative_prompts: Sequence[str] | str | None = None,
         steps: int = 30,
         guidance_scale: float | Sequence[float] = 7.5,
         sampler: str = "dpmpp_2m",
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         init_images: Sequence[Image.Image] | None = None,
         strength: float = 0.75,
+        *,
+        seed: int | None = None,
     ) -> list[Image.Image]:
+        """One image per prompt; each image's ``info["seed"]`` is the seed it was drawn from.
+
+        Seeds: ``seeds`` (one per prompt), or ``seed=s`` (prompt i gets ``s + i``, as a job
+        row with seed s and several images per prompt), or neither (prompt i gets the seed a
+        job with ``sampling.seed: 0`` derives for row i of an input without ids).
+        ``width``/``height`` left out: the model's ``native_size``.
+        """
+        native_width, native_height = self.native_size
         request = self.check(
-            prompts, seeds, negative_prompts, steps, guidance_scale, sampler, width, height,
-            init_images, strength,
+            prompts, _seeds_for(prompts, seeds, seed), negative_prompts, steps, guidance_scale,
+            sampler, native_width if width is None else width,
+            native_height if height is None else height, init_images, strength,
         )
         if not self.batch_bucket:
-            return self.decode(self.denoise(request))
-        images: list[Image.Image] = []
-        for part in _split(request, self.batch_bucket):
-            rows = len(part.prompts)
-            latents = self.denoise(_pad(part, self.batch_bucket))
-            images += self.decode(latents[:rows])
+            images = self.decode(self.denoise(request))
+        else:
+            images = []
+            for part in _split(request, self.batch_bucket):
+                rows = len(part.prompts)
+                latents = self.denoise(_pad(part, self.batch_bucket))
+                images += self.decode(latents[:rows])
+        for image, row_seed in zip(images, request.seeds):
+            image.info["seed"] = row_seed
         return images
 
     def check(
@@ -250,11 +273,10 @@ class Pipeline:
         for name, side in (("width", width), ("height", height)):
             if isinstance(side, bool) or not isinstance(side, (int, np.integer)):
                 raise TypeError(f"{name} must be an integer, got {type(side).__name__}")
-            if not self.vae_factor <= side <= MAX_SIDE or side % self.vae_factor:
-                raise ValueError(
-                    f"{name}={side} must be a multiple of {self.vae_factor} in "
-                    f"[{self.vae_factor}, {MAX_SIDE}]"
-                )
+            step = math.lcm(SIZE_MULTIPLE, self.vae_factor)  # the job spec's rule, and the VAE's
+            if not step <= side <= MAX_SIDE or side % step:
+                raise ValueError(f"{name}={side}: must be a multiple of {step} between {step} "
+                                 f"and {MAX_SIDE}")
         images = None
         if init_images is not None:
             if isinstance(init_images, Image.Image) or not isinstance(init_images, Sequence):
@@ -445,6 +467,24 @@ def _with_rows(request: GenerationRequest, rows) -> GenerationRequest:
     return dataclasses.replace(request, **{
         name: rows(getattr(request, name)) for name in _ROW_FIELDS
         if getattr(request, name) is not None})
+
+
+def _seeds_for(prompts, seeds, seed) -> Any:
+    """The per-prompt seeds of a ``generate`` call (see there); checked later by ``check``."""
+    if seed is None:
+        if seeds is not None or isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            return seeds  # check() names whatever is wrong
+        from ldm_jobs.jobs.rows import derive_seed
+
+        return [derive_seed(0, f"{i:08d}") for i in range(len(prompts))]
+    if seeds is not None:
+        raise TypeError("give seeds (one per prompt) or seed, not both")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"seed={seed} is outside [0, 2**63-1]")
+    count = len(prompts) if isinstance(prompts, Sequence) and not isinstance(prompts, str) else 1
+    return [(int(seed) + i) & MAX_SEED for i in range(count)]
 
 
 def _split(request: GenerationRequest, size: int) -> list[GenerationRequest]:

@@ -98,6 +98,7 @@ class FakePipeline:
 
     name = "fake"
     content_hash = "0123456789abcdef" * 4
+    native_size = (512, 512)  # what a job spec that leaves the size out gets
 
     def __init__(self) -> None:
         self.calls: list[dict] = []

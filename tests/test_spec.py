@@ -28,7 +28,7 @@ def test_defaults_match_the_contract():
         "parquet", "png", 256)
     s = spec.sampling
     assert (s.sampler, s.steps, s.guidance_scale, s.width, s.height, s.seed) == (
-        "dpmpp_2m", 25, 7.5, 512, 512, 0)
+        "dpmpp_2m", 25, 7.5, None, None, 0)  # None: the model's native size
     assert (s.images_per_prompt, s.negative_prompt, s.strength) == (1, "", 0.75)
     c = spec.compute
     assert (c.actors, c.batch_size, c.gpus_per_actor, c.dtype, c.compile) == (
