@@ -348,6 +348,8 @@ def open_clip_config_from_shapes(shapes: Mapping[str, Shape]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------- scheduler
 
+# SD 1.x's numbers with every key set (leading spacing for all samplers): the schedule of
+# the built-in and random models. Single files use OFFICIAL_SCHEDULERS instead.
 SD1_SCHEDULER: dict[str, Any] = {
     "_class_name": "PNDMScheduler",
     "beta_start": 0.00085,
@@ -362,9 +364,25 @@ SD1_SCHEDULER: dict[str, Any] = {
     "timestep_spacing": "leading",
 }
 
-# The text tower tells the family. SD 2.x single files are mostly the 768-px
-# v-prediction models (diffusers assumes the same); pass ``config=`` for SD 2.x base.
-SCHEDULER_BY_TEXT_ENCODER: dict[str, dict[str, Any]] = {
-    "text_encoder": SD1_SCHEDULER,
-    "open_clip": {**SD1_SCHEDULER, "prediction_type": "v_prediction"},
+# Each family's official ``scheduler_config.json``, as the hub's folders have it (the
+# ``_diffusers_version`` aside). A single-file checkpoint uses its family's, and keys a
+# file never set stay unset, so each sampler takes its own diffusers default for them, as
+# ``from_config`` does: SD 1.5's and SD 2.1's files have no ``timestep_spacing`` (Euler and
+# DPM++ then space ``linspace``, DDIM and PNDM ``leading``); SDXL's says ``leading``.
+_SD_SCHEDULER_BASE: dict[str, Any] = {
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None, "clip_sample": False,
 }
+OFFICIAL_SCHEDULERS: dict[str, dict[str, Any]] = {
+    # runwayml/stable-diffusion-v1-5
+    "sd1": {"_class_name": "PNDMScheduler", **_SD_SCHEDULER_BASE},
+    # stabilityai/stable-diffusion-2-1: SD 2.x single files are mostly the 768-px
+    # v-prediction models (diffusers assumes the same); pass ``config=`` for SD 2.x base
+    "sd2": {"_class_name": "DDIMScheduler", **_SD_SCHEDULER_BASE, "prediction_type": "v_prediction"},
+    # stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0
+    "sdxl": {"_class_name": "EulerDiscreteScheduler", **_SD_SCHEDULER_BASE,
+             "interpolation_type": "linear", "prediction_type": "epsilon", "sample_max_value": 1.0,
+             "timestep_spacing": "leading", "use_karras_sigmas": False},
+}
+OFFICIAL_SCHEDULERS["sdxl_refiner"] = OFFICIAL_SCHEDULERS["sdxl"]

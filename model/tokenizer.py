@@ -94,6 +94,56 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+
+_BPE_OPTIONS = dict(continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS_TOKEN)
+
+
+def _bpe_from_files(vocab_file: Path, merges_file: Path) -> BPE:
+    for path in (vocab_file, merges_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"CLIP tokenizer file not found: {path}")
+    return BPE.from_file(str(vocab_file), str(merges_file), **_BPE_OPTIONS)
+
+
+def _bpe_from_tokenizer_json(path: Path) -> tuple[BPE, dict[str, Any]]:
+    """The BPE vocabulary and merges of a ``tokenizer.json``, and the file's whole content
+    (its normalizer and pre-tokenizer are checked against CLIP's by the caller)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP tokenizer file not found: {path}")
+    data = _read_json(path)
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise TokenizerError(f"{path}: model is not a BPE model (got {(model or {}).get('type')!r})")
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise TokenizerError(f"{path}: model.vocab / model.merges missing or malformed")
+    for key, wanted in (("end_of_word_suffix", "</w>"), ("continuing_subword_prefix", "")):
+        if (model.get(key) or "") != wanted:
+            raise TokenizerError(f"{path}: model.{key}={model.get(key)!r} is not CLIP's {wanted!r}")
+    # tokenizers writes merges as "a b" strings (before 0.20) or as [a, b] pairs
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    if any(len(p) != 2 for p in pairs):
+        raise TokenizerError(f"{path}: model.merges has an entry that is not a pair")
+    return BPE(vocab, pairs, **_BPE_OPTIONS), data
+
+
+def _comparable(part: Any) -> Any:
+    """A pipeline component's JSON without the offset-only flags, which change no id."""
+    if isinstance(part, dict):
+        return {k: _comparable(v) for k, v in part.items() if k != "trim_offsets"}
+    if isinstance(part, list):
+        return [_comparable(v) for v in part]
+    return part
+
+
+def _check_clip_pipeline(backend: Tokenizer, file_content: dict[str, Any], source: Path) -> None:
+    """A tokenizer.json must describe CLIP's own text pipeline: we run ours (with its fast
+    path), so a file that normalises or splits differently is refused, not misread."""
+    for part in ("normalizer", "pre_tokenizer"):
+        ours = json.loads(getattr(backend, part).__getstate__())
+        if _comparable(file_content.get(part)) != _comparable(ours):
+            raise TokenizerError(f"{source}: its {part} is not CLIP's ({file_content.get(part)!r})")
+
 class CLIPTokenizer:
     """Prompts -> ``LongTensor[B, model_max_length]`` of CLIP token ids.
 
@@ -104,28 +154,26 @@ class CLIPTokenizer:
 
     def __init__(
         self,
-        vocab_file: str | Path,
-        merges_file: str | Path,
+        vocab_file: str | Path | None = None,
+        merges_file: str | Path | None = None,
         *,
+        tokenizer_file: str | Path | None = None,
         pad_token: str | AddedToken = EOS_TOKEN,
         model_max_length: int = DEFAULT_MAX_LENGTH,
         special_tokens: Sequence[AddedToken] | None = None,
     ):
-        vocab_file, merges_file = Path(vocab_file), Path(merges_file)
-        for path in (vocab_file, merges_file):
-            if not path.is_file():
-                raise FileNotFoundError(f"CLIP tokenizer file not found: {path}")
+        """The BPE model comes from ``vocab_file`` + ``merges_file`` or, instead, from a
+        ``tokenizer_file`` (``tokenizer.json``, as transformers 5 saves a tokenizer)."""
         if model_max_length < 2:
             raise TokenizerError(f"model_max_length={model_max_length} leaves no room for BOS and EOS")
-
-        bpe = BPE.from_file(
-            str(vocab_file),
-            str(merges_file),
-            continuing_subword_prefix="",
-            end_of_word_suffix="</w>",
-            fuse_unk=False,
-            unk_token=EOS_TOKEN,
-        )
+        if tokenizer_file is not None:
+            source = Path(tokenizer_file)
+            bpe, file_pipeline = _bpe_from_tokenizer_json(source)
+        else:
+            if vocab_file is None or merges_file is None:
+                raise TypeError("CLIPTokenizer needs vocab_file and merges_file, or tokenizer_file")
+            source = Path(vocab_file)
+            bpe, file_pipeline = _bpe_from_files(Path(vocab_file), Path(merges_file)), None
         backend = Tokenizer(bpe)
         backend.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
@@ -136,6 +184,8 @@ class CLIPTokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False),
             ]
         )
+        if file_pipeline is not None:
+            _check_clip_pipeline(backend, file_pipeline, source)
 
         # Special tokens are matched on the raw prompt unless their flags say otherwise;
         # the default set is BOS, EOS and the pad token, as transformers registers them.
@@ -143,7 +193,7 @@ class CLIPTokenizer:
             special_tokens = [
                 AddedToken(BOS_TOKEN, special=True, normalized=False),
                 AddedToken(EOS_TOKEN, special=True, normalized=False),
-                _special_token(pad_token, vocab_file),
+                _special_token(pad_token, source),
             ]
         by_text: dict[str, AddedToken] = {}
         for token in special_tokens:
@@ -151,7 +201,7 @@ class CLIPTokenizer:
         vocab = backend.get_vocab()
         for text in [BOS_TOKEN, EOS_TOKEN, str(getattr(pad_token, "content", pad_token)), *by_text]:
             if text not in vocab:
-                raise TokenizerError(f"{vocab_file}: token {text!r} is not in the vocabulary")
+                raise TokenizerError(f"{source}: token {text!r} is not in the vocabulary")
         backend.add_special_tokens(list(by_text.values()))
 
         self.bos_token_id = vocab[BOS_TOKEN]
@@ -184,29 +234,41 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | Path) -> CLIPTokenizer:
-        """A diffusers/transformers tokenizer folder: ``vocab.json``, ``merges.txt`` and,
-        when present, ``tokenizer_config.json`` / ``special_tokens_map.json`` for the pad
-        token, the special tokens' matching flags and ``model_max_length``."""
+        """A diffusers/transformers tokenizer folder, in either form the ecosystem writes:
+        ``vocab.json`` + ``merges.txt`` (the hub's SD folders), or ``tokenizer.json`` alone
+        (transformers 5's ``save_pretrained``); with, when present,
+        ``tokenizer_config.json`` / ``special_tokens_map.json`` for the pad token, the
+        special tokens' matching flags and ``model_max_length``."""
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"CLIP tokenizer folder not found: {folder}")
         config_file = folder / "tokenizer_config.json"
         map_file = folder / "special_tokens_map.json"
+        json_file = folder / "tokenizer.json"
         config = _read_json(config_file) if config_file.is_file() else {}
+        # vocab.json + merges.txt when the folder has either (a folder missing one of the
+        # two is reported by name); tokenizer.json otherwise
+        use_json = json_file.is_file() and not (folder / "vocab.json").is_file() \
+            and not (folder / "merges.txt").is_file()
+        files = {"tokenizer_file": json_file} if use_json else \
+            {"vocab_file": folder / "vocab.json", "merges_file": folder / "merges.txt"}
 
         # transformers' rule: a config with added_tokens_decoder is complete on its own;
-        # an older one is completed by special_tokens_map.json, whose entries win.
+        # an older one is completed by special_tokens_map.json, whose entries win; a
+        # transformers 5 folder keeps the added tokens' flags in tokenizer.json.
         named = {k: config[k] for k in _SPECIAL_NAMES if config.get(k) is not None}
-        added = config.get("added_tokens_decoder")
+        added = list((config.get("added_tokens_decoder") or {}).values())
         if not added and map_file.is_file():
             named.update({k: v for k, v in _read_json(map_file).items() if k in _SPECIAL_NAMES and v})
+        if not added and use_json:
+            added = [t for t in _read_json(json_file).get("added_tokens") or [] if t.get("special", True)]
         source = map_file if map_file.is_file() else config_file
         # Names the folder leaves out take transformers' CLIPTokenizer defaults.
         named = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN,
                  "pad_token": EOS_TOKEN, **named}
         tokens = {k: _special_token(v, source) for k, v in named.items()}
-        # A named token that added_tokens_decoder lists takes that entry's flags.
-        added_by_text = {t.content: t for t in (_special_token(v, config_file) for v in (added or {}).values())}
+        # A named token that the added tokens list takes that entry's flags.
+        added_by_text = {t.content: t for t in (_special_token(v, config_file) for v in added)}
         tokens = {k: added_by_text.get(t.content, t) for k, t in tokens.items()}
         for name, wanted in (("bos_token", BOS_TOKEN), ("eos_token", EOS_TOKEN)):
             if tokens[name].content != wanted:
@@ -217,8 +279,7 @@ class CLIPTokenizer:
         if not isinstance(max_length, int) or max_length > 10**6:  # transformers' "no limit"
             max_length = DEFAULT_MAX_LENGTH
         return cls(
-            folder / "vocab.json",
-            folder / "merges.txt",
+            **files,
             pad_token=tokens["pad_token"],
             model_max_length=max_length,
             special_tokens=special_tokens,

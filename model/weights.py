@@ -519,7 +519,8 @@ def load_components(
         overrides = _folder_configs(config_dir) if config_dir is not None else {}
         parts, text_kind = _single_file_parts(path, src, overrides, problems)
         hashed = {"checkpoint": path} | (_config_files(config_dir) if config_dir else {})
-        scheduler = overrides.get("scheduler") or dict(ldm.SCHEDULER_BY_TEXT_ENCODER[text_kind])
+        family = "sd2" if text_kind == "open_clip" else "sd1"
+        scheduler = overrides.get("scheduler") or dict(ldm.OFFICIAL_SCHEDULERS[family])
         tokenizer_dir = config_dir
     digest = _BackgroundHash(hashed)
     try:

@@ -235,7 +235,7 @@ def test_single_file_into_our_modules(sd1_files, originals, which):
     check_unet(originals["sd1"], parts.unet, 32, ours=True)
     check_vae(originals["vae"], parts.vae, ours=True)
     check_clip(originals["clip"], parts.text_encoder, ours=True)
-    assert parts.scheduler_config == weights.ldm.SD1_SCHEDULER
+    assert parts.scheduler_config == weights.ldm.OFFICIAL_SCHEDULERS["sd1"]
     for module in (parts.unet, parts.vae, parts.text_encoder):
         assert all(t.device.type == "cpu" for t in [*module.parameters(), *module.buffers()])
         assert not module.training
