@@ -229,7 +229,7 @@ class _Dispatch:
         try:
             result = ray.get(ref)
         except RayTaskError as exc:  # the worker raised; the actor itself is fine
-            if getattr(exc.cause, "permanent", False):  # permission denied, no such bucket
+            if getattr(getattr(exc, "cause", None), "permanent", False):  # no such bucket, ...
                 raise JobFailed(f"shard {shard.name}: {_error_text(exc)} (not retried: "
                                 "it would fail the same way again)") from None
             self._retry(shard, _error_text(exc))
