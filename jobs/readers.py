@@ -4,7 +4,7 @@ Parquet is the format for big inputs: planning reads only footers (row counts, s
 and a worker reads just the row groups that cover its slice. CSV, JSON Lines and plain
 text (one prompt per line; blank lines are not rows) are read whole, for small batches,
 and each worker process parses such a file once (cached by path, size and mtime).
-Every read goes through `jobs.storage`, which retries transient object-store faults; a
+Every read goes through `storage`, which retries transient object-store faults; a
 missing file is an InputError, any other storage failure stays a StorageError.
 
 Unreadable data versus unreadable storage: a Parquet file with a valid footer may still

@@ -86,7 +86,7 @@ def test_s3_missing_bucket_is_a_clear_error(s3_server):
 
 
 def test_s3_multipart_upload(s3_server, monkeypatch):
-    monkeypatch.setattr("ldm_jobs.jobs.storage.MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr("ldm_jobs.jobs.storage.s3.MULTIPART_THRESHOLD", 5 * 1024 * 1024)
     bucket = s3_server.make_bucket()
     storage = open_storage(f"s3://{bucket}")
     data = os.urandom(6 * 1024 * 1024)
@@ -172,12 +172,12 @@ ENDPOINT_SECRET = "ENDPOINT-SECRET-0123456789"
 
 def test_endpoint_userinfo_from_the_environment_is_stripped(monkeypatch, caplog):
 
-    import ldm_jobs.jobs.storage
+    import ldm_jobs.jobs.storage.s3
 
-    monkeypatch.setattr(ldm_jobs.jobs.storage, "_warned_endpoint_userinfo", set())
+    monkeypatch.setattr(ldm_jobs.jobs.storage.s3, "_warned_endpoint_userinfo", set())
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://key:{ENDPOINT_SECRET}@generic:1/base")
-    with caplog.at_level("WARNING", logger="ldm_jobs.jobs.storage"):
+    with caplog.at_level("WARNING", logger="ldm_jobs.jobs.storage.s3"):
         assert resolve_endpoint(None) == "http://generic:1/base"
         assert resolve_endpoint(None) == "http://generic:1/base"
     assert [r.getMessage() for r in caplog.records] == [
@@ -196,14 +196,14 @@ def test_endpoint_with_credentials_in_the_environment_leaks_nowhere(
         s3_server, tmp_path, monkeypatch, caplog, capfd, fake_pipeline):
     import logging
 
-    import ldm_jobs.jobs.storage
+    import ldm_jobs.jobs.storage.s3
     from ldm_jobs.jobs import sinks
     from ldm_jobs.jobs.plan import make_plan
     from ldm_jobs.jobs.readers import InputError
     from ldm_jobs.jobs.spec import parse_spec
     from ldm_jobs.jobs.worker import ShardWorker
 
-    monkeypatch.setattr(ldm_jobs.jobs.storage, "_warned_endpoint_userinfo", set())
+    monkeypatch.setattr(ldm_jobs.jobs.storage.s3, "_warned_endpoint_userinfo", set())
     host_port = s3_server.endpoint_url.split("://", 1)[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://AKIAFAKE:{ENDPOINT_SECRET}@{host_port}")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://AKIAFAKE:{ENDPOINT_SECRET}@{host_port}")

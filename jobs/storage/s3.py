@@ -1,10 +1,4 @@
-"""One small storage interface over local files and S3-compatible object stores.
-
-Paths are full locations: a local path, or `s3://bucket/key`. `open_storage(uri)` picks
-the implementation by scheme. Writes are atomic: locally a temp file beside the target
-then `os.replace`; on S3 a single PUT or a completed multipart upload (aborted when any
-part fails), so a reader never sees half a file. Parquet is read through
-`open_input_file()` (ranged reads); `arrow_filesystem()` serves other pyarrow callers.
+"""S3-compatible object stores (AWS, MinIO, R2, Ceph) through boto3.
 
 S3 requests that fail transiently (connection reset or refused, timeouts, truncated
 bodies, HTTP 5xx, SlowDown and other throttling) are retried by this module, with
@@ -17,7 +11,6 @@ the `LDM_JOBS_S3_*` environment variables override them per process.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import http.client
 import io
@@ -25,8 +18,6 @@ import logging
 import math
 import os
 import random
-import re
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -37,7 +28,9 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .spec import StorageSpec
+from ..spec import StorageSpec
+from .base import NotFoundError, ReadOnlyRaw, Storage, StorageError
+from .redact import scrub, strip_userinfo
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # one PUT below this, a multipart upload above
 MULTIPART_MIN_PART = 5 * 1024 * 1024  # S3's smallest part (all but the last)
@@ -54,182 +47,6 @@ READ_TIMEOUT_SECONDS = 60.0  # LDM_JOBS_S3_READ_TIMEOUT: one silent socket read 
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class StorageError(Exception):
-    """A storage operation failed; the message names the file, or bucket and key.
-
-    `permanent` marks a failure that no retry can mend (permission denied, a file where a
-    folder should be, no such bucket): the job stops at once instead of retrying it.
-    """
-
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
-
-
-class NotFoundError(StorageError):
-    """The object (or its bucket) does not exist."""
-
-
-# OS errors that a retry cannot mend: the same write fails the same way every time
-# (EEXIST: os.makedirs found a file where the folder should be).
-PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
-                              errno.EROFS, errno.EEXIST})
-
-
-def _os_error(path: str, action: str, error: OSError) -> StorageError:
-    return StorageError(f"{path}: cannot {action}: {error.strerror or error}",
-                        permanent=error.errno in PERMANENT_ERRNOS)
-
-
-class Storage:
-    """Interface; see LocalStorage and S3Storage."""
-
-    scheme = ""
-
-    def list(self, prefix: str) -> list[str]:
-        """Files below the folder/prefix `prefix` (recursive), sorted; [] when none."""
-        raise NotImplementedError
-
-    def read_bytes(self, path: str) -> bytes:
-        raise NotImplementedError
-
-    def write_atomic(self, path: str, data: bytes) -> None:
-        raise NotImplementedError
-
-    def exists(self, path: str) -> bool:
-        raise NotImplementedError
-
-    def is_dir(self, path: str) -> bool:
-        """A local folder, or an S3 prefix with objects below it."""
-        raise NotImplementedError
-
-    def delete(self, path: str) -> None:
-        """Remove one file; a missing file is not an error."""
-        raise NotImplementedError
-
-    def join(self, *parts: str) -> str:
-        raise NotImplementedError
-
-    def arrow_filesystem(self) -> pafs.FileSystem:
-        raise NotImplementedError
-
-    def arrow_path(self, path: str) -> str:
-        """`path` as `arrow_filesystem()` names it."""
-        raise NotImplementedError
-
-    def open_input_file(self, path: str) -> pa.NativeFile:
-        """A seekable file for pyarrow readers (Parquet reads only the ranges it needs)."""
-        return self.arrow_filesystem().open_input_file(self.arrow_path(path))
-
-    def check_writable(self, folder: str) -> None:
-        """Raise StorageError unless files can be written under `folder` (checked before
-        any work, so a job never generates images it cannot keep). Object stores are
-        judged by their listing (a missing bucket, access denied) instead."""
-
-    def abort_uploads(self, prefix: str, keep: Callable[[str], bool] | None = None) -> int:
-        """Abort unfinished multipart uploads under ``prefix`` (whose keys ``keep`` does not
-        protect); returns how many. Only object stores have them."""
-        return 0
-
-    def version(self, path: str) -> Any:
-        """What changes when the file does (size and modification time, ETag on S3), for
-        caches; None where unknown (nothing is cached then)."""
-        return None
-
-
-class LocalStorage(Storage):
-    scheme = "file"
-
-    def list(self, prefix: str) -> list[str]:
-        root = _local(prefix)
-        if not os.path.isdir(root):
-            return []
-        found = []
-        for folder, _dirs, files in os.walk(root):
-            found.extend(os.path.join(folder, name) for name in files)
-        return sorted(found)
-
-    def read_bytes(self, path: str) -> bytes:
-        try:
-            with open(_local(path), "rb") as handle:
-                return handle.read()
-        except OSError as error:
-            raise _os_error(path, "read", error) from None
-
-    def write_atomic(self, path: str, data: bytes) -> None:
-        target = _local(path)
-        folder = os.path.dirname(os.path.abspath(target))
-        try:
-            os.makedirs(folder, exist_ok=True)
-            # A dot prefix keeps temp files out of `part-*` globs and pyarrow's listings.
-            fd, temp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(target)}-", dir=folder)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.chmod(temp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
-                os.replace(temp, target)
-            except BaseException:
-                if os.path.exists(temp):
-                    os.unlink(temp)
-                raise
-        except OSError as error:
-            raise _os_error(path, "write", error) from None
-
-    def exists(self, path: str) -> bool:
-        return os.path.isfile(_local(path))
-
-    def check_writable(self, folder: str) -> None:
-        root = _local(folder)
-        try:
-            os.makedirs(root, exist_ok=True)
-        except OSError as error:
-            raise StorageError(f"{os.path.abspath(root)}: cannot create the output folder: "
-                               f"{error.strerror or error}", permanent=True) from None
-        probe = os.path.join(root, f".tmp-write-probe-{os.getpid()}")
-        try:
-            with open(probe, "wb"):
-                pass
-            os.unlink(probe)
-        except OSError as error:
-            raise StorageError(f"{os.path.abspath(root)}: cannot write in the output folder: "
-                               f"{error.strerror or error}", permanent=True) from None
-
-    def version(self, path: str) -> Any:
-        try:
-            info = os.stat(_local(path))
-        except FileNotFoundError:
-            raise NotFoundError(f"{path}: no such file") from None
-        except OSError as error:
-            raise _os_error(path, "read", error) from None
-        return (info.st_size, info.st_mtime_ns, info.st_ino)
-
-    def is_dir(self, path: str) -> bool:
-        return os.path.isdir(_local(path))
-
-    def delete(self, path: str) -> None:
-        try:
-            os.unlink(_local(path))
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            raise _os_error(path, "delete", error) from None
-
-    def join(self, *parts: str) -> str:
-        return os.path.join(*parts)
-
-    def arrow_filesystem(self) -> pafs.FileSystem:
-        return pafs.LocalFileSystem()
-
-    def arrow_path(self, path: str) -> str:
-        return os.path.abspath(_local(path))
-
-
-def _local(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -351,39 +168,6 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (BotoConnectionError, HTTPClientError, IncompleteReadError,
                               ChecksumError, FlexibleChecksumError, Urllib3Error,
                               http.client.HTTPException, ConnectionError, TimeoutError))
-
-
-_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s\"']*@")
-_SIGNED_QUERY = re.compile(r"(X-Amz-(?:Security-Token|Signature|Credential)=)[^&\s\"']+",
-                           re.IGNORECASE)
-_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-                     "AWS_ACCESS_KEY_ID")
-
-
-def scrub(text: str) -> str:
-    """`text` without URL userinfo, presigned-URL credentials or the AWS secrets in use."""
-    for name in _SECRET_VARIABLES:
-        secret = os.environ.get(name, "")
-        if len(secret) >= 8:  # short values would mangle ordinary words
-            text = text.replace(secret, "***")
-    text = _USERINFO.sub(r"\1***@", text)
-    return _SIGNED_QUERY.sub(r"\1***", text)
-
-
-_AUTHORITY = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)?(?P<authority>[^/?#]*)")
-
-
-def strip_userinfo(url: str | None) -> str | None:
-    """An endpoint URL without `user:password@`: S3 signs requests with the AWS
-    credentials, never with URL userinfo, and it must not reach a message or a log.
-    A value without a scheme (`user:secret@host:9000`) loses its userinfo too."""
-    if not url or "@" not in url:
-        return url
-    match = _AUTHORITY.match(url)
-    authority = match.group("authority")
-    if "@" not in authority:
-        return url
-    return (match.group("scheme") or "") + authority.rpartition("@")[2] + url[match.end():]
 
 
 
@@ -664,19 +448,6 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-class ReadOnlyRaw(io.RawIOBase):
-    """A raw file whose subclasses define `read(size)`: reading everything is one read,
-    and `readinto` fills the buffer from one read (what pyarrow's PythonFile calls)."""
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
 class _S3InputFile(ReadOnlyRaw):
     """A read-only, seekable view of one S3 object: every read is a retried ranged GET
     pinned to the ETag seen at open, so a file replaced mid-read is an error, not a mix."""
@@ -713,22 +484,8 @@ class _S3InputFile(ReadOnlyRaw):
         return data
 
 
-def open_storage(uri: str, storage_spec: StorageSpec | None = None) -> Storage:
-    """Storage for `uri`: `s3://` -> S3 (endpoint from the spec or AWS env), else local."""
-    scheme = urlparse(uri).scheme if "://" in uri else ""
-    if scheme not in _OPENERS:
-        raise StorageError(
-            f"{scrub(uri)}: unsupported scheme '{scheme}' (use a local path or s3://)")
-    return _OPENERS[scheme](storage_spec)
 
-
-def _open_s3(storage_spec: StorageSpec | None) -> Storage:
+def open_s3(storage_spec: StorageSpec | None) -> Storage:
     region = storage_spec.region if storage_spec is not None else None
     return S3Storage(resolve_endpoint(storage_spec), region)
 
-
-_OPENERS = {
-    "": lambda _spec: LocalStorage(),
-    "file": lambda _spec: LocalStorage(),
-    "s3": _open_s3,
-}
