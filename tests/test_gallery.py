@@ -272,6 +272,9 @@ def test_detail_of_an_image(page, site, job, tmp_path):
     assert image.get_attribute("alt") == row["prompt"]
     page.save_screenshot(str(tmp_path / "detail.png"))
 
+    # Tab stays inside the open dialog: from its last control back to its first.
+    page.find_element(By.CSS_SELECTOR, "#detail-fields a").send_keys(Keys.TAB)
+    assert page.switch_to.active_element.get_attribute("id") == "detail-prev"
     page.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
     wait_for(page, lambda d: d.find_element(By.ID, "detail-title").text == rows[102]["id"],
              "next image")
@@ -300,8 +303,15 @@ def test_rejected_rows_by_reason(page, site, job, tmp_path):
     page.save_screenshot(str(tmp_path / "errors.png"))
 
 
-def test_job_story_plots(page, site, tmp_path):
+def test_job_story_plots(page, site, job, tmp_path):
     from selenium.webdriver.common.by import By
+
+    # What the plots read: each shard's record says when it started and finished.
+    for path in (job / "out" / "_shards").glob("part-*.json"):
+        record = json.loads(path.read_text())
+        took = record["finished_at"] - record["started_at"]
+        assert record["worker"] in ("w0", "w1")
+        assert took == pytest.approx(record["busy_seconds"], abs=0.002)
 
     open_view(page, site, "#view=story")
     charts = page.find_elements(By.CSS_SELECTOR, "#view-story figure.chart")

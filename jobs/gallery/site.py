@@ -37,6 +37,7 @@ from .thumbs import ThumbnailPool
 ASSETS = ("gallery.css", "gallery.js")
 INDEX = "cache/_index.json"
 MAX_REASONS = 500  # distinct reasons listed; the rest are counted together
+S3_WORKERS = 16  # threads making and uploading thumbnails when the site is on S3
 ROWS_PER_REASON = 200  # rejected rows listed under one reason; the rest are counted
 
 
@@ -251,7 +252,9 @@ def write_gallery(output_uri: str, dest_uri: str, storage_spec: StorageSpec | No
     """Write (or bring up to date) the static gallery of the output at `output_uri`."""
     out = open_output(output_uri, storage_spec)
     dest = Destination(dest_uri, storage_spec)
-    workers = workers or min(8, os.cpu_count() or 2)
+    # Local thumbnails are CPU work: a thread a core. On S3 each thread mostly waits on
+    # its PUTs, so more of them keep the cores busy.
+    workers = workers or (min(8, os.cpu_count() or 2) if dest.local else S3_WORKERS)
     records = shard_records(out)
     state = _index_state(dest)
     new = _thumbnail_new_shards(out, dest, records, state, workers)

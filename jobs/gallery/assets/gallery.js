@@ -444,6 +444,18 @@
     return true;
   }
 
+  function keepFocusIn(box, event) {
+    // A modal dialog: Tab and Shift+Tab cycle through its own controls.
+    const controls = Array.from(box.querySelectorAll("button:not([disabled]), a[href]"));
+    if (!controls.length) return;
+    const first = controls[0], last = controls[controls.length - 1];
+    const at = document.activeElement;
+    if (!box.contains(at) || (event.shiftKey ? at === first : at === last)) {
+      (event.shiftKey ? last : first).focus();
+      event.preventDefault();
+    }
+  }
+
   document.addEventListener("keydown", (event) => {
     if (event.altKey || event.ctrlKey || event.metaKey) return;
     const typing = ["INPUT", "SELECT", "TEXTAREA"].includes(document.activeElement.tagName);
@@ -451,6 +463,7 @@
       if (event.key === "Escape") { go({ item: null }); event.preventDefault(); }
       else if (event.key === "ArrowLeft") { step(-1); event.preventDefault(); }
       else if (event.key === "ArrowRight") { step(1); event.preventDefault(); }
+      else if (event.key === "Tab") keepFocusIn($("detail"), event);
       return;
     }
     if (typing || state.view !== "images") return;
