@@ -20,9 +20,9 @@ import pytest
 import ray.cloudpickle
 from s3_fault_proxy import FaultProxy
 
-from ldm_jobs.jobs.storage import s3 as storage_module
 from ldm_jobs.jobs.readers import describe_file, read_slice
 from ldm_jobs.jobs.storage import RetryPolicy, S3Storage, StorageError, scrub
+from ldm_jobs.jobs.storage import s3 as storage_module
 from ldm_jobs.jobs.worker import ShardWorker
 
 # The worker factory below must reach Ray's actors by value (tests/ is not importable there).
