@@ -47,6 +47,8 @@ SUBSTITUTIONS = {
             "run examples/demo.yaml --set sampling.steps=2 --set compute.actors=1",
         # the output the README's own `run` just wrote, instead of a bucket
         '"s3://my-bucket/runs/s3-prompts"': '"out/demo"',
+        "show s3://my-bucket/runs/demo --html s3://my-bucket/runs/demo_gallery":
+            "show out/demo --html out/demo_gallery_again",
     },
 }
 CODE = {"python", "bash", "sh", "shell"}
