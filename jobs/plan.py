@@ -36,7 +36,7 @@ from .readers import (
     unify,
 )
 from .rows import OVERRIDE_COLUMNS, size_text
-from .spec import JobSpec, SpecError, redact_text
+from .spec import JobSpec, SpecError, redact_text, resolved_note
 from .storage import Storage, StorageError, open_storage
 
 RECORDS_DIR = "_shards"  # per-shard records: written after the shard, they mark it done
@@ -346,7 +346,7 @@ def make_plan(spec: JobSpec) -> Plan:
                                       spec.sampling.images_per_prompt) if id_column else {})
     except (InputError, StorageError) as error:
         # Name the field; never echo a credential that a URL or the environment holds.
-        message = redact_text(str(error))
+        message = redact_text(str(error)) + resolved_note(spec.input.path)
         field = "" if message.startswith("input.") else "input.path: "
         raise InputError(f"{field}{message}") from None
     shards = _cut_shards(spec, files, id_column, schema, duplicates)
@@ -357,7 +357,8 @@ def make_plan(spec: JobSpec) -> Plan:
         damaged: list[str] = []
         records = read_records(out_storage, spec, damaged)
     except StorageError as error:
-        raise SpecError(f"output.path: {redact_text(str(error))}") from None
+        raise SpecError(f"output.path: {redact_text(str(error))}"
+                        f"{resolved_note(spec.output.path)}") from None
     by_name = {shard.name: shard for shard in shards}
     for name, record in records.items():
         if name not in by_name or record.get("fingerprint") != by_name[name].fingerprint:

@@ -87,12 +87,15 @@ def size_text(spec: JobSpec) -> str:
     width, height = spec.sampling.width, spec.sampling.height
     if width is not None and height is not None:
         return f"{width}x{height}"
+    unset = "width" if width is None else "height"
+    note = ("the model's native size" if width is None and height is None
+            else f"{unset}: the model's native {unset}")
     native = native_size_hint(spec.model)
     if native is not None:
-        return f"{width or native[0]}x{height or native[1]} (the model's native size)"
+        return f"{width or native[0]}x{height or native[1]} ({note})"
     if width is None and height is None:
         return "native size of the model"
-    return f"width {width or 'native'}, height {height or 'native'} (native: the model's own)"
+    return f"{width or '?'}x{height or '?'} ({note})"
 
 
 def derive_seed(base_seed: int, image_id: str) -> int:

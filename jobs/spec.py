@@ -205,6 +205,15 @@ SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_
 _MIN_SECRET_CHARS = 8  # shorter values (test dummies like "testing") would mangle words
 
 
+def resolved_note(path: str) -> str:
+    """` (resolved to /abs/path)` for a relative local path, else ``: a message about a
+    relative path says where it was looked for (the current directory decides)."""
+    local = path.removeprefix("file://")
+    if "://" in local or os.path.isabs(local):
+        return ""
+    return f" (resolved to {os.path.abspath(local)})"
+
+
 def redact_url(text: str, replacement: str = "***@") -> str:
     """`https://user:secret@host/x` -> `https://***@host/x`; anything else unchanged."""
     return _URL_USERINFO.sub(lambda m: m.group(1) + replacement, text)

@@ -113,7 +113,7 @@ def test_plan_prints_the_resolved_size_when_the_configs_tell_it(tmp_path):
                     if line.startswith("sampling"))
 
     assert "64x64 (the model's native size)" in described()  # builtin:shapes' configs
-    assert "32x64 (the model's native size)" in described(width=32)
+    assert "32x64 (height: the model's native height)" in described(width=32)
     assert "48x40," in described(width=48, height=40)
 
 
