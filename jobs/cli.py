@@ -43,6 +43,7 @@ ERROR_CODES: dict[tuple[str, str], int] = {
     ("ldm_jobs.jobs.storage", "StorageError"): 1,
     ("ldm_jobs.jobs.report", "OutputError"): 1,
     ("ldm_jobs.jobs.runner", "JobFailed"): 1,
+    ("ldm_jobs.jobs.grid", "GridError"): 2,
 }
 
 
@@ -164,6 +165,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     from ldm_jobs.jobs.report import show
 
     print(show(args.output, sheet=args.sheet))
+    if args.grid:
+        from ldm_jobs.jobs.grid import GridError, grid
+
+        if not args.out:
+            raise GridError("--grid needs --out FILE.png")
+        print(grid(args.output, args.grid, args.out, args.where))
     return 0
 
 
@@ -206,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="summarise an output; optionally a contact sheet")
     show.add_argument("output", metavar="OUTPUT", help="output folder or s3:// prefix")
     show.add_argument("--sheet", metavar="FILE.png", help="write a contact sheet here")
+    show.add_argument("--grid", metavar="x=FIELD,y=FIELD", help="an X/Y grid (with --out)")
+    show.add_argument("--out", metavar="FILE.png", help="where --grid writes its image")
+    show.add_argument("--where", metavar="FIELD=VALUE", action="append", help="rows for --grid")
 
     sub.add_parser("schema", help="print the job spec's JSON schema")
     return parser

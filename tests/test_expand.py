@@ -56,7 +56,8 @@ def run_in_process(spec, pipeline):
     parts = sorted(str(p) for p in Path(spec.output.path).glob("part-*.parquet"))
     table = pads.dataset(parts, format="parquet").to_table(columns=[
         "id", "prompt", "template", "seed", "guidance_scale", "sampler", "note"])
-    errors = pq.read_table(Path(spec.output.path) / "errors.parquet")
+    errors_file = Path(spec.output.path) / "errors.parquet"
+    errors = pq.read_table(errors_file) if errors_file.exists() else None
     return plan, table, errors
 
 
