@@ -6,7 +6,11 @@ process's peak RSS (`resource.getrusage(...).ru_maxrss`) and the time of `make_p
 plus `Plan.describe`. Two inputs per size: unique ids, and ids of which 10% repeat an
 earlier one (planning reads the id column to find repeats: the heaviest part).
 
-    .venv/bin/python benchmarks/plan_memory.py [--sizes 10000 100000 1000000]
+    .venv/bin/python benchmarks/plan_memory.py [--sizes 10000 100000 1000000] [--expanded]
+
+`--expanded` adds the expansion case: 1,000 template rows x 1,000 random variants x a
+10-point sweep (10M images). Target: under a minute and under 1 GB peak; shards are
+ranges of the expansion, so nothing per image is held.
 
 Target: under 1 GB peak at 1M rows. Planning reads Parquet footers and the id column
 only; shards are row ranges, never rows.
@@ -51,7 +55,7 @@ def hwm_mb():
 
 imported = rss_mb()
 spec = parse_spec({"input": {"path": args["input"]}, "output": {"path": args["output"]},
-                   "sampling": {"width": 64, "height": 64}})
+                   "sampling": {"width": 64, "height": 64}, **args.get("extra", {})})
 started = time.perf_counter()
 plan = make_plan(spec)
 text = plan.describe()
@@ -90,8 +94,13 @@ def write_in_subprocess(path: Path, rows: int, duplicate_share: float) -> None:
                     str(duplicate_share)], check=True)
 
 
-def measure(root: Path, input_path: Path) -> dict:
-    args = {"root": str(ROOT), "input": str(input_path), "output": str(root / "out")}
+EXPANDED = {"expand": {"prompts": {"mode": "random", "variants": 1000},
+                       "sweep": {"guidance_scale": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}}}
+
+
+def measure(root: Path, input_path: Path, extra: dict | None = None) -> dict:
+    args = {"root": str(ROOT), "input": str(input_path), "output": str(root / "out"),
+            "extra": extra or {}}
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True,
                           text=True, check=False)
     if done.returncode != 0:
@@ -102,6 +111,8 @@ def measure(root: Path, input_path: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--expanded", action="store_true",
+                        help="also plan 1,000 rows x 1,000 variants x 10 sweep points")
     parser.add_argument("--write", nargs=3, metavar=("PATH", "ROWS", "SHARE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,6 +135,14 @@ def main() -> None:
                       f"{result['seconds']:>7.2f} {result['import_mb']:>9.0f} "
                       f"{result['peak_mb']:>8.0f} {result['hwm_mb']:>8.0f}", flush=True)
                 path.unlink()
+        if args.expanded:
+            path = root / "templates.parquet"
+            write_in_subprocess(path, 1000, 0.0)
+            result = measure(root, path, EXPANDED)
+            assert result["rows"] == 10_000_000
+            print(f"{'1000x1000x10':>12}  expanded {result['shards']:>6} "
+                  f"{result['seconds']:>7.2f} s {result['import_mb']:>6.0f} MB imports "
+                  f"{result['peak_mb']:>6.0f} MB peak {result['hwm_mb']:>6.0f} MB VmHWM", flush=True)
 
 
 if __name__ == "__main__":

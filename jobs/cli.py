@@ -45,6 +45,7 @@ ERROR_CODES: dict[tuple[str, str], int] = {
     ("ldm_jobs.jobs.report", "OutputError"): 1,
     ("ldm_jobs.jobs.runner", "JobFailed"): 1,
     ("ldm_jobs.jobs.gallery.site", "GalleryError"): 1,
+    ("ldm_jobs.jobs.grid", "GridError"): 2,
 }
 
 
@@ -201,11 +202,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from ldm_jobs.jobs.report import show
 
+    if args.grid and not args.out:
+        raise CliError("--grid needs --out FILE.png", 2)
     print(show(args.output, sheet=args.sheet))
     if args.html:
         from ldm_jobs.jobs.gallery import write_gallery
 
         print(write_gallery(args.output, args.html).describe())
+    if args.grid:
+        from ldm_jobs.jobs.grid import grid
+
+        print(grid(args.output, args.grid, args.out, args.where))
     return 0
 
 
@@ -254,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--sheet", metavar="FILE.png", help="write a contact sheet here")
     show.add_argument("--html", metavar="DIR", help="write (or update) a static gallery site "
                       "here, a folder or s3:// prefix; open DIR/index.html in a browser")
+    show.add_argument("--grid", metavar="x=FIELD,y=FIELD", help="an X/Y grid (with --out)")
+    show.add_argument("--out", metavar="FILE.png", help="where --grid writes its image")
+    show.add_argument("--where", metavar="FIELD=VALUE", action="append", help="rows for --grid")
 
     sub.add_parser("schema", help="print the job spec's JSON schema")
     return parser

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .expand import Expander, Layout
 from .readers import (
     InputError,
     InputFile,
@@ -68,6 +69,10 @@ class ShardPlan:
     duplicates: tuple[tuple[int, int], ...] = ()
     fingerprint: str = ""  # hash of everything that decides the shard's bytes
     schema: pa.Schema | None = field(default=None, compare=False, repr=False)
+    # With expand: the expanded rows [first, stop) this shard makes (`rows` of them), and
+    # (input row, its first expanded row, its expanded row count) for each input row read.
+    expanded: tuple[int, int] | None = None
+    expanded_rows: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass
@@ -115,6 +120,10 @@ class Plan:
                          f"again: {', '.join(self.damaged[:5])}")
         if duplicates:
             lines.append(f"duplicates {duplicates} row(s) repeat an earlier id and will be rejected")
+        if spec.expand is not None:
+            from .expand import preview
+
+            lines += preview(self)
         return "\n".join(lines)
 
 
@@ -296,6 +305,49 @@ def _cut_shards(spec: JobSpec, files: list[InputFile], id_column: str | None,
     return shards
 
 
+def _cut_expanded_shards(spec: JobSpec, files: list[InputFile], id_column: str | None,
+                         schema: pa.Schema, duplicates: dict[int, int],
+                         layout: Layout) -> list[ShardPlan]:
+    """Shards of ``rows_per_shard`` expanded rows; each reads the input rows it expands."""
+    file_starts = np.cumsum([0] + [info.rows for info in files]).tolist()
+    # the spec's part of every fingerprint, hashed once (10M rows make 40k shards)
+    decisive = hashlib.sha256(_fingerprint(spec, (), id_column).encode())
+    decisive.update(json.dumps(spec.expand.model_dump(), sort_keys=True).encode())
+    id_name = id_column or "id"  # expanded rows always carry their ID~k ids
+    shards: list[ShardPlan] = []
+    per_shard = rows_per_shard(spec)
+    for first in range(0, layout.total, per_shard):
+        stop = min(first + per_shard, layout.total)
+        rows = range(layout.row_of(first), layout.row_of(stop - 1) + 1)
+        spans = tuple((r, layout.start(r), layout.start(r + 1) - layout.start(r)) for r in rows)
+        slices = []
+        for i in range(bisect.bisect_right(file_starts, rows[0]) - 1, len(files)):
+            lo, hi = max(rows[0], file_starts[i]), min(rows[-1] + 1, file_starts[i + 1])
+            if lo >= hi:
+                break
+            slices.append(RowSlice(files[i].path, lo - file_starts[i], hi - lo, lo))
+        dups = tuple((e, duplicates[r]) for r, start, count in spans if r in duplicates
+                     for e in range(max(first, start), min(stop, start + count)))
+        frozen = tuple(slices)
+        fingerprint = decisive.copy()
+        fingerprint.update(json.dumps([[s.path, s.first, s.count, s.offset] for s in frozen]
+                                      + [first, stop]).encode())
+        shards.append(ShardPlan(len(shards), shard_name(len(shards)), frozen, stop - first, id_name,
+                                dups, fingerprint.hexdigest(), schema, (first, stop), spans))
+    return shards
+
+
+def _templates(storage: Storage, files: list[InputFile], spec: JobSpec, id_column: str | None):
+    """(template, id) of every input row, file by file (combinatorial counts need them)."""
+    offset = 0
+    for info in files:
+        prompts = _read_ids(storage, info, spec.input.prompt_column, spec.input.prompt_column)
+        ids = _read_ids(storage, info, id_column, spec.input.prompt_column).to_pylist() \
+            if id_column else [f"{offset + i:08d}" for i in range(info.rows)]
+        yield from zip(prompts.to_pylist(), (str(i) for i in ids))
+        offset += info.rows
+
+
 def _valid_record(name: str, record: object) -> bool:
     return (isinstance(record, dict) and record.get("name") == name
             and isinstance(record.get("fingerprint"), str))
@@ -349,7 +401,12 @@ def make_plan(spec: JobSpec) -> Plan:
         message = redact_text(str(error)) + resolved_note(spec.input.path)
         field = "" if message.startswith("input.") else "input.path: "
         raise InputError(f"{field}{message}") from None
-    shards = _cut_shards(spec, files, id_column, schema, duplicates)
+    if spec.expand is not None:
+        layout = Expander(spec).layout(input_rows, lambda: _templates(in_storage, files, spec, id_column))
+        shards = _cut_expanded_shards(spec, files, id_column, schema, duplicates, layout)
+        input_rows = layout.total
+    else:
+        shards = _cut_shards(spec, files, id_column, schema, duplicates)
 
     try:
         out_storage = open_storage(spec.output.path, spec.storage)

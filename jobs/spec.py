@@ -133,6 +133,9 @@ class SamplingSpec(_Strict):
     images_per_prompt: Int = Field(1, ge=1, le=10_000)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     strength: Strength = 0.75
+    prompt_syntax: Literal["plain", "a1111"] = Field("plain", description=(
+        "plain: diffusers' reading, cut at 77 tokens; a1111: the AUTOMATIC1111 web UI's "
+        "(emphasis:1.2), [less], BREAK and prompts of any length in 75-token chunks"))
 
 
 class ComputeSpec(_Strict):
@@ -153,6 +156,22 @@ class StorageSpec(_Strict):
     region: str | None = None
 
 
+class PromptExpansion(_Strict):
+    """Template variants per input row (dynamicprompts syntax), see jobs/expand.py."""
+
+    mode: Literal["random", "combinatorial"] = "random"
+    variants: Int = Field(1, ge=1, le=1_000_000, description="random mode: prompts per row")
+    max: Int | None = Field(None, ge=1, le=1_000_000,
+                            description="combinatorial mode: at most this many per row")
+    wildcards: str | None = Field(None, description="folder or s3:// prefix of NAME.txt files")
+
+
+class ExpandSpec(_Strict):
+    prompts: PromptExpansion | None = None
+    sweep: dict[str, list[Any]] = Field(default_factory=dict, description=(
+        "a grid over per-row sampling fields, crossed with each row's variants"))
+
+
 class JobSpec(_Strict):
     name: str = Field("job", min_length=1)
     model: Annotated[str, _no_userinfo("model")] = Field("builtin:shapes", min_length=1)
@@ -161,8 +180,16 @@ class JobSpec(_Strict):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    expand: ExpandSpec | None = None
     # Dotted paths of the URL fields whose credentials were dropped (see _no_userinfo).
     _credentials_dropped: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @model_validator(mode="after")
+    def _expansion_alone(self) -> JobSpec:
+        if self.expand is not None and self.sampling.images_per_prompt > 1:
+            raise ValueError("sampling.images_per_prompt: must be 1 with expand "
+                             "(use expand.prompts.variants or a seed sweep)")
+        return self
 
     @model_validator(mode="wrap")
     @classmethod

@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
+from .expand import Expander, expand_table
 from .images import decode_init_image, encode, parameters_text
 from .plan import ShardPlan, shard_path
 from .readers import conform, read_slice_checked, unify
@@ -92,6 +93,7 @@ class ShardWorker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device}"
         self.input_storage = open_storage(spec.input.path, spec.storage)
         self.output_storage = open_storage(spec.output.path, spec.storage)
+        self._expander = Expander(spec)
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
 
     def _compile(self) -> None:
@@ -178,8 +180,10 @@ class ShardWorker:
     def _generate(self, batch: list[ImageTask]) -> list[Image.Image]:
         first = batch[0]
         options: dict[str, Any] = {}
+        if self.spec.sampling.prompt_syntax != "plain":
+            options["prompt_syntax"] = self.spec.sampling.prompt_syntax
         if first.init_image is not None:
-            options = {"init_images": [t.init_image.resize((t.width, t.height), Image.LANCZOS)
+            options |= {"init_images": [t.init_image.resize((t.width, t.height), Image.LANCZOS)
                                        if t.init_image.size != (t.width, t.height)
                                        else t.init_image for t in batch],
                        "strength": first.strength}
@@ -224,6 +228,9 @@ class ShardWorker:
         started_at = time.time()  # wall clock, for the gallery's throughput over time
         spec = self.spec
         table, global_rows, sources, unreadable = self._read(shard)
+        if shard.expanded is not None:  # the shard's range of templates x sweep
+            table, global_rows, sources, unreadable = expand_table(
+                self._expander, shard, table, global_rows, sources, unreadable)
         load = self._init_image_loader(sources, skip=unreadable)
         duplicates = dict(shard.duplicates)
         tasks, rejected = check_rows(table, spec, global_rows, shard.id_column, duplicates, load)

@@ -134,17 +134,22 @@ class Upsample2D(nn.Module):
 CPU_MATH_ATTENTION_MAX_SCORES = 1 << 20
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (B, heads, T, head_dim) tensors."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, T, head_dim) tensors; ``mask`` (B, S),
+    True for the keys each sample may attend to."""
     B, heads, T, d = q.shape
     S = k.shape[2]
+    keep = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
     small = B * heads * T * S <= CPU_MATH_ATTENTION_MAX_SCORES
     if q.device.type != "cpu" or q.dtype != torch.float32 or not small:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     scores = torch.baddbmm(
         q.new_empty(B * heads, T, S), q.reshape(B * heads, T, d),
         k.reshape(B * heads, S, d).transpose(1, 2), beta=0.0, alpha=d**-0.5,
     )  # (B*heads, T, S)
+    if keep is not None:
+        scores = scores.view(B, heads, T, S).masked_fill(~keep, float("-inf")).view(B * heads, T, S)
     return torch.bmm(scores.softmax(dim=-1), v.reshape(B * heads, S, d)).view(B, heads, T, d)
 
 
@@ -199,13 +204,14 @@ class Attention(nn.Module):
         if context is not None:
             self._kv_cache = (context, *self._keys_values(context))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         q = self.to_q(x)
         out_dtype = q.dtype
         B, T, inner = q.shape
         k, v = self._keys_values(context)
-        h = attention(self._heads(q), k, v)  # (B, heads, T, head_dim)
+        h = attention(self._heads(q), k, v, context_mask)  # (B, heads, T, head_dim)
         h = h.transpose(1, 2).reshape(B, T, inner).to(out_dtype)
         return self.to_out[0](h)
 

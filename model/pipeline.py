@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import prompt_encoding
 from . import samplers as sampling
+from .prompts import parse_prompt
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SEED = 2**63 - 1
@@ -40,6 +42,9 @@ TEXT_ENCODE_GROUP = 8
 # (hundreds of MiB per 512x512 image in float32), and beyond a few images a larger batch
 # buys no speed. None decodes the whole batch at once.
 DECODE_CHUNK_SIZE = 4
+# How prompt text is read: diffusers' plain reading (cut at 77 tokens), or the
+# AUTOMATIC1111 web UI's emphasis, BREAK and chunks (model/prompts.py).
+PROMPT_SYNTAXES = ("plain", "a1111")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -75,6 +80,7 @@ class GenerationRequest:
     height: int
     init_images: list[Image.Image] | None = None
     strength: float | None = None
+    prompt_syntax: str = "plain"
     extra: dict = field(default_factory=dict)
 
 
@@ -113,6 +119,7 @@ class Pipeline:
         self.latent_channels = int(getattr(unet.config, "in_channels", 4))
         self.vae_factor = int(vae.downsampling_factor)
         self.text_cache_size = int(text_cache_size)
+        # keyed by the model and the text (plain) or its parsed chunks (a1111)
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         if decode_chunk_size is not None and int(decode_chunk_size) < 1:
             raise ValueError(f"decode_chunk_size={decode_chunk_size} must be None or >= 1")
@@ -155,8 +162,8 @@ class Pipeline:
         the module falls back to running the new one as it is)."""
         return self._compiled is not None and self._compiled[0] is self.unet
 
-    def _unet_call(self, *args: torch.Tensor) -> torch.Tensor:
-        return self._compiled[1](*args) if self.compiled else self.unet(*args)
+    def _unet_call(self, *args: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self._compiled[1](*args, **kwargs) if self.compiled else self.unet(*args, **kwargs)
 
     def set_channels_last(self, enabled: bool) -> None:
         """Run the UNet and VAE with channels-last (NHWC) weights and activations, or not."""
@@ -199,6 +206,7 @@ class Pipeline:
         height: int | None = None,
         init_images: Sequence[Image.Image] | None = None,
         strength: float = 0.75,
+        prompt_syntax: str = "plain",
         *,
         seed: int | None = None,
     ) -> list[Image.Image]:
@@ -213,7 +221,7 @@ class Pipeline:
         request = self.check(
             prompts, _seeds_for(prompts, seeds, seed), negative_prompts, steps, guidance_scale,
             sampler, native_width if width is None else width,
-            native_height if height is None else height, init_images, strength,
+            native_height if height is None else height, init_images, strength, prompt_syntax,
         )
         if not self.batch_bucket:
             images = self.decode(self.denoise(request))
@@ -229,7 +237,7 @@ class Pipeline:
 
     def check(
         self, prompts, seeds, negative_prompts, steps, guidance_scale, sampler, width, height,
-        init_images, strength,
+        init_images, strength, prompt_syntax="plain",
     ) -> GenerationRequest:
         """Every argument checked, with an error that names it."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
@@ -296,6 +304,15 @@ class Pipeline:
                     f"steps={steps} with strength={strength} leaves no denoising step "
                     "(int(steps * strength) must be at least 1)"
                 )
+        if prompt_syntax not in PROMPT_SYNTAXES:
+            raise ValueError(f"prompt_syntax {prompt_syntax!r} is not one of {list(PROMPT_SYNTAXES)}")
+        if prompt_syntax == "a1111":  # a syntax error names its row before any work
+            for name, texts in (("prompts", prompts), ("negative_prompts", negatives)):
+                for i, text in enumerate(texts):
+                    try:
+                        parse_prompt(text)
+                    except ValueError as error:
+                        raise ValueError(f"{name}[{i}]: {error}") from None
         return GenerationRequest(
             prompts=prompts,
             negative_prompts=negatives,
@@ -307,6 +324,7 @@ class Pipeline:
             height=int(height),
             init_images=images,
             strength=float(strength) if images is not None else None,
+            prompt_syntax=prompt_syntax,
         )
 
     # ------------------------------------------------------------------- stages
@@ -320,42 +338,69 @@ class Pipeline:
         texts = list(texts)
         if self.text_cache_size <= 0:
             return self._encode_texts(texts)
+        return torch.stack(self._cached(texts, lambda missing: list(self._encode_texts(missing))))
+
+    def encode_prompts(self, texts: list[str], syntax: str = "plain") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet context (B, S, D) of the texts read in ``syntax``, and its key mask
+        (B, S) where the texts' lengths differ (None where they do not). Plain texts are
+        77 tokens each; web-UI ones 77 per chunk, cached by their parsed chunks."""
+        if syntax == "plain":
+            return self.encode_text(texts), None
+        chunked = [prompt_encoding.text_chunks(text, self.tokenizer) for text in texts]
+        keys = [("a1111", chunks) for chunks in chunked]
+
+        def encode(missing: list) -> list[torch.Tensor]:
+            embeddings = prompt_encoding.encode_chunks(
+                [chunks for _, chunks in missing], self.tokenizer, self._encode_ids)
+            return [e.to(self.dtype) for e in embeddings]
+
+        rows = self._cached(keys, encode) if self.text_cache_size > 0 else encode(keys)
+        return prompt_encoding.pad_contexts(rows)
+
+    def _cached(self, keys: list, encode) -> list[torch.Tensor]:
+        """One embedding per key; ``encode(missing keys)`` makes those not cached yet."""
         model_key = (id(self.text_encoder), self.content_hash, self.dtype, str(self.device))
-        found: dict[str, torch.Tensor] = {}
-        for text in dict.fromkeys(texts):
-            row = self._text_cache.get((model_key, text))
+        found: dict = {}
+        for key in dict.fromkeys(keys):
+            row = self._text_cache.get((model_key, key))
             if row is not None:
-                self._text_cache.move_to_end((model_key, text))
-                found[text] = row
-        missing = [text for text in dict.fromkeys(texts) if text not in found]
+                self._text_cache.move_to_end((model_key, key))
+                found[key] = row
+        missing = [key for key in dict.fromkeys(keys) if key not in found]
         if missing:
-            for text, row in zip(missing, self._encode_texts(missing)):
-                found[text] = row = row.clone()  # not a view that pins the whole batch
-                self._text_cache[(model_key, text)] = row
+            for key, row in zip(missing, encode(missing)):
+                found[key] = row = row.clone()  # not a view that pins the whole batch
+                self._text_cache[(model_key, key)] = row
             while len(self._text_cache) > self.text_cache_size:
                 self._text_cache.popitem(last=False)
-        return torch.stack([found[text] for text in texts])
+        return [found[key] for key in keys]
 
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
-        groups = []
-        for i in range(0, len(texts), TEXT_ENCODE_GROUP):
-            group = texts[i : i + TEXT_ENCODE_GROUP]
-            padded = group + [group[-1]] * (TEXT_ENCODE_GROUP - len(group))
-            ids = self._to_device(self.tokenizer(padded))
-            groups.append(self.text_encoder(ids)[: len(group)])
-        return torch.cat(groups).to(self.dtype)  # (B, 77, D)
+        return self._encode_ids(self.tokenizer(texts)).to(self.dtype)  # (B, 77, D)
 
-    def text_context(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        """The UNet context for one call, and which rows are guided.
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The text encoder's output for rows of ids (N, 77), in groups of exactly
+        TEXT_ENCODE_GROUP rows."""
+        groups = []
+        for i in range(0, ids.shape[0], TEXT_ENCODE_GROUP):
+            group = ids[i : i + TEXT_ENCODE_GROUP]
+            padded = torch.cat([group, group[-1:].expand(TEXT_ENCODE_GROUP - len(group), -1)])
+            groups.append(self.text_encoder(self._to_device(padded))[: len(group)])
+        return torch.cat(groups)
+
+    def text_context(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The UNet context for one call, its key mask (None: every key is real), and
+        which rows are guided.
 
         Guided rows stack [uncond; cond] so both branches run in one UNet call; rows with
         scale <= 1 run the conditional branch alone, as diffusers does.
         """
         guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
-        if not bool(guided.any()):
-            return self.encode_text(request.prompts), guided
-        # one text-encoder pass over the prompts and negatives not cached yet
-        return self.encode_text([*request.negative_prompts, *request.prompts]), guided
+        texts = request.prompts
+        if bool(guided.any()):  # one text-encoder pass over the prompts and negatives
+            texts = [*request.negative_prompts, *request.prompts]
+        context, mask = self.encode_prompts(texts, request.prompt_syntax)
+        return context, (None if mask is None else self._to_device(mask)), guided
 
     def initial_noise(self, generators: list[torch.Generator], shape: tuple) -> torch.Tensor:
         # One draw of batch 1 per sample from its own generator, in float32 on the CPU.
@@ -377,7 +422,8 @@ class Pipeline:
         tensor = torch.from_numpy(array).permute(2, 0, 1)[None]  # (1, 3, H, W)
         return tensor * 2.0 - 1.0
 
-    def model_fn(self, context: torch.Tensor, guided: torch.Tensor, scales: torch.Tensor):
+    def model_fn(self, context: torch.Tensor, guided: torch.Tensor, scales: torch.Tensor,
+                 context_mask: torch.Tensor | None = None):
         """The raw UNet prediction with classifier-free guidance, for the sampler."""
         any_guided, all_guided = bool(guided.any()), bool(guided.all())
         guided = self._to_device(guided).view(-1, 1, 1, 1)
@@ -387,7 +433,8 @@ class Pipeline:
             batch = x_in.shape[0]
             x_unet = torch.cat([x_in, x_in]) if any_guided else x_in  # (2B or B, C, h, w)
             x_unet = self._layout(x_unet.to(self.device, self.dtype))
-            out = self._unet_call(x_unet, self._timesteps(t, any_guided), context)
+            out = self._unet_call(x_unet, self._timesteps(t, any_guided), context,
+                                  context_mask=context_mask)
             if self._clone_output and self.compiled:
                 out = out.clone()
             out = out.float()
@@ -411,9 +458,9 @@ class Pipeline:
     def denoise(self, request: GenerationRequest) -> torch.Tensor:
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
         shape = (self.latent_channels, request.height // self.vae_factor, request.width // self.vae_factor)
-        context, guided = self.text_context(request)
+        context, context_mask, guided = self.text_context(request)
         scales = torch.tensor(request.guidance_scales, dtype=torch.float32)
-        predict = self.model_fn(context, guided, scales)
+        predict = self.model_fn(context, guided, scales, context_mask)
         # every step attends to the same text: its keys and values are computed once (a
         # compiled UNet computes them inside its graph instead)
         cached = None if self.compiled else getattr(self.unet, "cached_context", None)

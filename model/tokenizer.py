@@ -226,6 +226,7 @@ class CLIPTokenizer:
         self._bpe = backend.model
         self._special_texts = tuple({t.lower() for t in (BOS_TOKEN, EOS_TOKEN, *by_text)})
         self._piece_ids: dict[str, list[int]] = {}
+        self._unbounded: Tokenizer | None = None  # the backend without truncation, when needed
 
     @classmethod
     def default(cls) -> CLIPTokenizer:
@@ -296,12 +297,18 @@ class CLIPTokenizer:
 
     def _fast_ids(self, prompt: str) -> list[int] | None:
         """The ids of an ASCII prompt without special-token text; None for any other."""
+        limit = self.model_max_length - 2
+        ids = self._fast_tokens(prompt, limit)
+        return None if ids is None else [self.bos_token_id, *ids[:limit], self.eos_token_id]
+
+    def _fast_tokens(self, prompt: str, limit: float) -> list[int] | None:
+        """At least the first ``limit`` token ids (no BOS/EOS) of an ASCII prompt without
+        special-token text; None for any other."""
         if not _FAST_TEXT.fullmatch(prompt):
             return None
         text = prompt.lower()
         if any(special in text for special in self._special_texts):
             return None
-        limit = self.model_max_length - 2
         cache = self._piece_ids
         ids: list[int] = []
         for piece in _FAST_SPLIT.findall(text):
@@ -313,7 +320,23 @@ class CLIPTokenizer:
             ids += piece_ids
             if len(ids) >= limit:
                 break
-        return [self.bos_token_id, *ids[:limit], self.eos_token_id]
+        return ids
+
+    def token_ids(self, text: str) -> list[int]:
+        """The text's token ids with no BOS/EOS and no length limit (the web-UI prompt
+        syntax cuts long prompts into chunks itself)."""
+        ids = self._fast_tokens(text, float("inf"))
+        if ids is None:
+            if self._unbounded is None:
+                self._unbounded = Tokenizer.from_str(self._backend.to_str())
+                self._unbounded.no_truncation()
+            ids = self._unbounded.encode(text, add_special_tokens=False).ids
+        return ids
+
+    @property
+    def comma_id(self) -> int | None:
+        """The id of "," as a word, where the web UI's chunking may break."""
+        return self._backend.token_to_id(",</w>")
 
     def encode(self, prompt: str) -> list[int]:
         """One prompt's ids: BOS, tokens, EOS, truncated to ``model_max_length``, unpadded."""

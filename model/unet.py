@@ -39,9 +39,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask=None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, context_mask)
         return x + self.ff(self.norm3(x))
 
 
@@ -66,7 +66,7 @@ class Transformer2DModel(nn.Module):
         )
         self.proj_out = proj(channels, channels)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask=None) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.linear:
@@ -75,7 +75,7 @@ class Transformer2DModel(nn.Module):
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, context_mask)
         if self.linear:
             h = self.proj_out(h)
         # (B, C, H, W), back in the layout the block was given: a channels-last input made
@@ -121,12 +121,12 @@ class DownBlock(nn.Module):
         else:
             self.downsamplers = None
 
-    def forward(self, x, temb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x, temb, context, context_mask=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
-                x = self.attentions[i](x, context)
+                x = self.attentions[i](x, context, context_mask)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -162,11 +162,11 @@ class UpBlock(nn.Module):
             self.attentions = None
         self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if i < config.levels - 1 else None
 
-    def forward(self, x, temb, context, skips: list[torch.Tensor], up_size) -> torch.Tensor:
+    def forward(self, x, temb, context, skips: list[torch.Tensor], up_size, context_mask=None) -> torch.Tensor:
         for j, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, context, context_mask)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, up_size)
         return x
@@ -183,14 +183,17 @@ class MidBlock(nn.Module):
         heads, depth = config.heads()[-1], config.transformer_depths()[-1]
         self.attentions = nn.ModuleList([Transformer2DModel(c, heads, depth, config)])
 
-    def forward(self, x, temb, context) -> torch.Tensor:
+    def forward(self, x, temb, context, context_mask=None) -> torch.Tensor:
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context)
+        x = self.attentions[0](x, context, context_mask)
         return self.resnets[1](x, temb)
 
 
 class UNet(nn.Module):
-    """``forward(latents, timesteps, context) -> prediction`` (noise or v, per the model)."""
+    """``forward(latents, timesteps, context) -> prediction`` (noise or v, per the model).
+
+    ``context_mask`` (B, S), True for real keys, lets texts of different lengths share a
+    batch: cross-attention skips the padding after each one's own chunks."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -243,20 +246,21 @@ class UNet(nn.Module):
             for attn in layers:
                 attn.cache_context(None)
 
-    def forward(self, latents: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, timesteps, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         temb = self._time_embedding(timesteps, latents.shape[0], latents)
         x = self.conv_in(latents)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb, context)
+            x, block_skips = block(x, temb, context, context_mask)
             skips.extend(block_skips)
-        x = self.mid_block(x, temb, context)
+        x = self.mid_block(x, temb, context, context_mask)
         for block in self.up_blocks:
             n = len(block.resnets)
             level_skips = skips[-n:]
             del skips[-n:]
             # upsample to the size of the next level's skip, so odd sizes round-trip
             up_size = skips[-1].shape[2:] if skips else None
-            x = block(x, temb, context, level_skips, up_size)
+            x = block(x, temb, context, level_skips, up_size, context_mask)
         x = F.silu(self.conv_norm_out(x))
         return self.conv_out(x)

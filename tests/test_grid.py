@@ -1,0 +1,56 @@
+"""`show --grid`: the X/Y plot of a sweep, each cell the image of its two values."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.dataset as pads
+from PIL import Image
+from test_expand import inputs, run_in_process  # noqa: F401 (a fixture)
+
+from ldm_jobs.jobs.cli import main
+from ldm_jobs.jobs.grid import LABEL, MIN_CELL
+from ldm_jobs.jobs.spec import parse_spec
+
+
+def test_grid_cells_are_the_swept_images(inputs, fake_pipeline, capsys):  # noqa: F811
+    spec = parse_spec({"input": {"path": str(inputs / "in.parquet")},
+                       "output": {"path": str(inputs / "out"), "rows_per_shard": 5},
+                       "sampling": {"width": 16, "height": 16, "steps": 2},
+                       "expand": {"sweep": {"guidance_scale": [3, 5, 7], "sampler": ["euler", "ddim"]}}})
+    run_in_process(spec, fake_pipeline)
+    png = inputs / "grid.png"
+    code = main(["show", str(inputs / "out"), "--grid", "x=guidance_scale,y=sampler",
+                 "--out", str(png), "--where", "template=plain text"])
+    assert code == 0
+    assert "3 x 2 cells" in capsys.readouterr().out
+    grid = np.asarray(Image.open(png).convert("RGB"))
+    table = pads.dataset(str(inputs / "out"), format="parquet").to_table().to_pylist()
+    rows = [r for r in table if r["template"] == "plain text"]
+    cell = MIN_CELL  # 16-pixel images enlarged 8x
+    top = 2 * LABEL + 4
+    left = grid.shape[1] - 3 * cell
+    assert grid.shape[0] == top + 2 * cell
+    for i, g in enumerate([3.0, 5.0, 7.0]):
+        for j, sampler in enumerate(["euler", "ddim"]):
+            (row,) = [r for r in rows if r["guidance_scale"] == g and r["sampler"] == sampler]
+            image = Image.open(io.BytesIO(row["image"])).convert("RGB").resize((cell, cell), Image.NEAREST)
+            got = grid[top + j * cell : top + (j + 1) * cell, left + i * cell : left + (i + 1) * cell]
+            assert np.array_equal(got, np.asarray(image)), (g, sampler)
+    # labels were drawn: the margins are not blank
+    assert (grid[:top] < 128).any() and (grid[top:, :left] < 128).any()
+
+
+def test_grid_errors_exit_2(inputs, fake_pipeline, capsys):  # noqa: F811
+    spec = parse_spec({"input": {"path": str(inputs / "in.parquet")},
+                       "output": {"path": str(inputs / "out2"), "rows_per_shard": 5},
+                       "sampling": {"width": 16, "height": 16, "steps": 2},
+                       "expand": {"sweep": {"steps": [1, 2]}}})
+    run_in_process(spec, fake_pipeline)
+    out = str(inputs / "out2")
+    for args in (["--grid", "x=steps,y=colour", "--out", "g.png"], ["--grid", "x=steps"],
+                 ["--grid", "x=steps,y=sampler"],
+                 ["--grid", "x=steps,y=sampler", "--out", "g.png", "--where", "template=none"]):
+        assert main(["show", out, *args]) == 2, args
+        assert "error" in capsys.readouterr().err.lower()
