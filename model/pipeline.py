@@ -75,6 +75,7 @@ class GenerationRequest:
     init_images: list[Image.Image] | None = None
     strength: float | None = None
     extra: dict = field(default_factory=dict)
+    loras: list | None = None  # per row: a tuple of (Adapter, weight), see lora_rows
 
 
 class Pipeline:
@@ -113,6 +114,8 @@ class Pipeline:
         self.vae_factor = int(vae.downsampling_factor)
         self.text_cache_size = int(text_cache_size)
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        # the text-encoder LoRAs patched in while texts are encoded (a text cache key part)
+        self.text_adapter_key: tuple = ()
         if decode_chunk_size is not None and int(decode_chunk_size) < 1:
             raise ValueError(f"decode_chunk_size={decode_chunk_size} must be None or >= 1")
         self.decode_chunk_size = decode_chunk_size
@@ -190,17 +193,22 @@ class Pipeline:
         height: int = 512,
         init_images: Sequence[Image.Image] | None = None,
         strength: float = 0.75,
+        loras: Sequence[dict[str, float]] | None = None,
     ) -> list[Image.Image]:
         request = self.check(
             prompts, seeds, negative_prompts, steps, guidance_scale, sampler, width, height,
             init_images, strength,
         )
+        if loras is not None:  # one {source: weight} per prompt; see lora_rows
+            from . import lora_rows
+
+            request.loras = lora_rows.resolve(self, loras, len(request.prompts))
         if not self.batch_bucket:
-            return self.decode(self.denoise(request))
+            return self.decode(self._denoise(request))
         images: list[Image.Image] = []
         for part in _split(request, self.batch_bucket):
             rows = len(part.prompts)
-            latents = self.denoise(_pad(part, self.batch_bucket))
+            latents = self._denoise(_pad(part, self.batch_bucket))
             images += self.decode(latents[:rows])
         return images
 
@@ -288,17 +296,23 @@ class Pipeline:
         )
 
     # ------------------------------------------------------------------- stages
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def encode_text(self, texts: list[str], adapters: Sequence | None = None) -> torch.Tensor:
         """Text embeddings (B, 77, D) in the pipeline's dtype.
 
         Each distinct text is encoded once per call, and the last ``text_cache_size``
         distinct texts are remembered (keyed by the text and the encoder, its dtype and
-        device), so a repeated prompt or negative prompt skips the text encoder.
+        device, and its LoRAs), so a repeated prompt or negative prompt skips the text
+        encoder. ``adapters``: one LoRA set per text (``request.loras``' entries).
         """
         texts = list(texts)
+        if adapters is not None and any(adapters):
+            from . import lora_rows
+
+            return lora_rows.encode_text(self, texts, adapters)
         if self.text_cache_size <= 0:
             return self._encode_texts(texts)
-        model_key = (id(self.text_encoder), self.content_hash, self.dtype, str(self.device))
+        model_key = (id(self.text_encoder), self.content_hash, self.dtype, str(self.device),
+                     self.text_adapter_key)
         found: dict[str, torch.Tensor] = {}
         for text in dict.fromkeys(texts):
             row = self._text_cache.get((model_key, text))
@@ -330,10 +344,12 @@ class Pipeline:
         scale <= 1 run the conditional branch alone, as diffusers does.
         """
         guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
+        loras = request.loras
         if not bool(guided.any()):
-            return self.encode_text(request.prompts), guided
+            return self.encode_text(request.prompts, loras), guided
         # one text-encoder pass over the prompts and negatives not cached yet
-        return self.encode_text([*request.negative_prompts, *request.prompts]), guided
+        return self.encode_text([*request.negative_prompts, *request.prompts],
+                                None if loras is None else [*loras, *loras]), guided
 
     def initial_noise(self, generators: list[torch.Generator], shape: tuple) -> torch.Tensor:
         # One draw of batch 1 per sample from its own generator, in float32 on the CPU.
@@ -386,6 +402,13 @@ class Pipeline:
         t = t.to(self.device)
         return torch.cat([t, t]) if doubled else t
 
+    def _denoise(self, request: GenerationRequest) -> torch.Tensor:
+        if request.loras and any(request.loras):
+            from . import lora_rows
+
+            return lora_rows.denoise(self, request)
+        return self.denoise(request)
+
     def denoise(self, request: GenerationRequest) -> torch.Tensor:
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
         shape = (self.latent_channels, request.height // self.vae_factor, request.width // self.vae_factor)
@@ -437,7 +460,7 @@ class Pipeline:
         return np.ascontiguousarray(pixels.permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
 
 
-_ROW_FIELDS = ("prompts", "negative_prompts", "seeds", "guidance_scales", "init_images")
+_ROW_FIELDS = ("prompts", "negative_prompts", "seeds", "guidance_scales", "init_images", "loras")
 
 
 def _with_rows(request: GenerationRequest, rows) -> GenerationRequest:
