@@ -156,8 +156,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = _read_spec(args)
     from ldm_jobs.jobs.plan import make_plan  # reads the input's schema and lists committed shards
 
-    print(make_plan(spec).describe())
-    return 0
+    plan = make_plan(spec)
+    print(plan.describe())
+    from ldm_jobs.jobs.lora_check import check_loras  # loads the model only if LoRAs are named
+
+    lines, loras_ok = check_loras(plan)
+    if lines:
+        print("\n".join(lines))
+    return 0 if loras_ok else 2
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -77,6 +77,10 @@ class Adapter:
     source: str
     sha256: str  # of the file's bytes
     deltas: dict[ModuleKey, Delta]
+    # the AUTOMATIC1111 web UI's hash of a safetensors LoRA (its `Lora hashes:` field shows
+    # 12 characters of it): the file's `sshs_model_hash` metadata, else the sha256 of the
+    # bytes after the header ("addnet" hash), so sites that index LoRAs by it find it
+    webui_hash: str = ""
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -366,6 +370,8 @@ def load(data: bytes, source: str, modules: dict[str, dict[str, nn.Module]],
     multiply its activations); full deltas in float32 (added to the weights in float32)."""
     tensors, metadata = read_safetensors(data, source)
     deltas = parse(tensors, metadata, modules, source)
+    (header,) = struct.unpack("<Q", data[:8])
+    webui_hash = metadata.get("sshs_model_hash") or hashlib.sha256(data[8 + header:]).hexdigest()
     placed: dict[ModuleKey, Delta] = {}
     for key, delta in deltas.items():
         if isinstance(delta, LowRank):
@@ -373,8 +379,8 @@ def load(data: bytes, source: str, modules: dict[str, dict[str, nn.Module]],
                                   delta.scale)
         else:
             placed[key] = FullDelta(delta.weight.to(device))
-    return Adapter(name=_stem(source), source=source,
-                   sha256=hashlib.sha256(data).hexdigest(), deltas=placed)
+    return Adapter(name=_stem(source), source=source, sha256=hashlib.sha256(data).hexdigest(),
+                   deltas=placed, webui_hash=webui_hash)
 
 
 def _stem(source: str) -> str:

@@ -34,6 +34,9 @@ class AdapterCache:
         self._identity: dict[tuple, str] = {}  # source version -> sha256
         self._local: dict[str, Path] = {}  # sha256 -> a local copy of the file
         self._downloads: tempfile.TemporaryDirectory | None = None
+        # sources that failed, with their error: a bad LoRA named by a thousand rows is
+        # read and refused once
+        self._failed: dict[tuple, lora.LoraError] = {}
         self.fetches = 0  # reads of a source (local or remote), for tests and reports
 
     @property
@@ -44,6 +47,15 @@ class AdapterCache:
         """The adapter of ``source`` (a .safetensors path or s3:// URI), checked against the
         pipeline's modules; a ``LoraError`` naming the file when it cannot serve it."""
         version = self._version(source)
+        if version in self._failed:
+            raise self._failed[version]
+        try:
+            return self._get(source, version)
+        except lora.LoraError as error:
+            self._failed[version] = error
+            raise
+
+    def _get(self, source: str, version: tuple) -> lora.Adapter:
         sha = self._identity.get(version)
         if sha is not None and sha in self._adapters:
             self._adapters.move_to_end(sha)
