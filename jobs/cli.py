@@ -196,7 +196,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(plan.describe())
     for warning in plan_warnings(spec):
         print(f"warning: {warning}", file=sys.stderr)
-    return 0
+    from ldm_jobs.jobs.lora_check import check_loras  # loads the model only if LoRAs are named
+
+    lines, loras_ok = check_loras(plan)
+    if lines:
+        print("\n".join(lines))
+    return 0 if loras_ok else 2
 
 
 def cmd_show(args: argparse.Namespace) -> int:

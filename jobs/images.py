@@ -36,8 +36,10 @@ EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 USER_COMMENT = 0x9286
 
 
-def parameters_text(task: ImageTask, model_name: str, model_hash: str) -> str:
-    """The A1111 "parameters" text: prompt, negative prompt line, then key: value pairs."""
+def parameters_text(task: ImageTask, model_name: str, model_hash: str,
+                    loras: list[tuple[str, str, float]] = ()) -> str:
+    """The A1111 "parameters" text: prompt, negative prompt line, then key: value pairs.
+    ``loras``: (name, web UI hash, weight) of the image's LoRAs, for `Lora hashes:`."""
     lines = [task.prompt]
     if task.negative_prompt:
         lines.append(f"Negative prompt: {task.negative_prompt}")
@@ -52,6 +54,9 @@ def parameters_text(task: ImageTask, model_name: str, model_hash: str) -> str:
     ]
     if task.strength is not None:
         pairs.append(("Denoising strength", task.strength))
+    if loras:  # quoted, as the web UI writes it: the value holds commas
+        hashes = ", ".join(f"{name}: {digest[:12]}" for name, digest, _ in loras)
+        pairs.append(("Lora hashes", f'"{hashes}"'))
     lines.append(", ".join(f"{key}: {value}" for key, value in pairs))
     return "\n".join(lines)
 

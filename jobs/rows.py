@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import numbers
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from .spec import (
 )
 
 OVERRIDE_COLUMNS = ("negative_prompt", "seed", "steps", "guidance_scale", "sampler", "width",
-                    "height", "strength", "init_image")
+                    "height", "strength", "init_image", "loras")
 
 
 def with_native_size(spec: JobSpec, native_size: tuple[int, int]) -> JobSpec:
@@ -118,6 +119,9 @@ class ImageTask:
     height: int
     strength: float | None  # None for txt2img
     init_image: Any = None  # PIL image for img2img
+    loras: tuple[tuple[str, float], ...] = ()  # (source, weight), sorted by source
+    text: str | None = None  # the prompt the model reads, when not `prompt` (tags cut out)
+    adapters: tuple = ()  # (name, sha256, web UI hash, weight) per LoRA, set by the worker
 
     def batch_key(self) -> tuple:
         """Tasks with equal keys can share one `generate` call."""
@@ -191,6 +195,78 @@ OVERRIDE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "height": lambda v: check_size(_integer(v)),
     "strength": lambda v: check_strength(_real(v)),
 }
+
+
+# The web UI's extra-network tag `<lora:NAME:WEIGHT>` (weight optional, 1; a further
+# `:...` part, the web UI's separate text-encoder weight, is refused below).
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+
+
+def lora_tags(prompt: str, lora_dir: str | None) -> tuple[str, dict[str, float]]:
+    """The prompt without its `<lora:NAME:WEIGHT>` tags, and {lora_dir/NAME.safetensors:
+    WEIGHT} of the tags (a name given twice: the last weight)."""
+    found: dict[str, float] = {}
+    for match in LORA_TAG.finditer(prompt):
+        if lora_dir is None:
+            raise ValueError(f"prompt: {match.group(0)} names a LoRA but sampling.lora_dir "
+                             "is not set")
+        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
+        try:
+            found[f"{lora_dir.rstrip('/')}/{name}.safetensors"] = _lora_weight(float(weight))
+        except ValueError:
+            raise ValueError(f"prompt: {match.group(0)}: weight {weight!r} is not a finite "
+                             "number") from None
+    return LORA_TAG.sub("", prompt), found
+
+
+def _lora_weight(value: Any) -> float:
+    weight = _real(value)
+    if not math.isfinite(weight):
+        raise ValueError(f"weight must be a finite number, got {weight}")
+    return weight
+
+
+def parse_loras(value: Any) -> dict[str, float]:
+    """A `loras` cell in any of its three forms -> {path: weight}: a map<string, float>
+    (pyarrow gives a list of pairs), a list of {path, weight} structs, or the text
+    "a.safetensors:0.8, b.safetensors" (weight optional, 1)."""
+    if isinstance(value, str):
+        pairs = []
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            path, sep, weight = item.rpartition(":")
+            # a path with a colon (s3://...) and no weight keeps its colon
+            pairs.append((path, float(weight)) if sep and "/" not in weight else (item, 1.0))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        pairs = [(item.get("path"), item.get("weight", 1.0)) if isinstance(item, dict)
+                 else tuple(item) for item in value]
+    else:
+        raise ValueError(f"expected a map, a list of {{path, weight}} or text, got "
+                         f"{type(value).__name__}")
+    loras: dict[str, float] = {}
+    for path, weight in pairs:
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"a LoRA path must be non-empty text, got {_short(path)}")
+        loras[path] = _lora_weight(1.0 if weight is None else weight)
+    return loras
+
+
+def row_loras(record: dict, prompt: str, spec: JobSpec) -> tuple[tuple[tuple[str, float], ...], str | None]:
+    """A row's LoRAs (its `loras` column, else sampling.loras, plus prompt tags under
+    a1111) and the prompt text the model reads when tags were cut from it."""
+    sampling = spec.sampling
+    loras = dict(sampling.loras)
+    if record.get("loras") is not None:
+        try:
+            loras = parse_loras(record["loras"])
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"loras: {error}") from None
+    text = None
+    if sampling.prompt_syntax == "a1111" and "<lora:" in prompt:
+        text, tagged = lora_tags(prompt, sampling.lora_dir)
+        loras.update(tagged)
+    return tuple(sorted(loras.items())), text
 
 
 def row_id(value: Any, global_row: int, has_id_column: bool) -> str:
@@ -267,6 +343,7 @@ def check_rows(
                 if int(settings["steps"] * settings["strength"]) < 1:
                     raise ValueError(f"strength: {settings['strength']} x steps "
                                      f"{settings['steps']} leaves no denoising step")
+            loras, text = row_loras(record, prompt, spec)
             row_tasks = []
             for k in range(sampling.images_per_prompt):
                 out_id = image_id if k == 0 else f"{image_id}-{k}"
@@ -278,7 +355,8 @@ def check_rows(
                     position, out_id, prompt, settings["negative_prompt"], seed,
                     settings["sampler"], settings["steps"], settings["guidance_scale"],
                     settings["width"], settings["height"],
-                    settings["strength"] if init_image is not None else None, init_image))
+                    settings["strength"] if init_image is not None else None, init_image,
+                    loras, text))
             seen_ids.update(task.id for task in row_tasks)
             tasks.extend(row_tasks)
         except ValueError as error:

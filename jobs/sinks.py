@@ -41,6 +41,8 @@ IMAGE_FIELDS = [
     pa.field("height", pa.int32()),
     pa.field("strength", pa.float64()),
     pa.field("model", pa.string()),
+    pa.field("loras", pa.list_(pa.struct([("name", pa.string()), ("sha256", pa.string()),
+                                          ("weight", pa.float64())]))),
     pa.field("image", pa.binary()),
     pa.field("image_format", pa.string()),
 ]

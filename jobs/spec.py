@@ -135,7 +135,13 @@ class SamplingSpec(_Strict):
     strength: Strength = 0.75
     prompt_syntax: Literal["plain", "a1111"] = Field("plain", description=(
         "plain: diffusers' reading, cut at 77 tokens; a1111: the AUTOMATIC1111 web UI's "
-        "(emphasis:1.2), [less], BREAK and prompts of any length in 75-token chunks"))
+        "(emphasis:1.2), [less], BREAK, prompts of any length in 75-token chunks and "
+        "<lora:NAME:WEIGHT> tags"))
+    loras: dict[Annotated[str, Field(min_length=1)], Guidance] = Field(
+        default_factory=dict, description="{PATH: WEIGHT} of .safetensors LoRAs (local or "
+        "s3://) for every row; a row's own `loras` column replaces it")
+    lora_dir: str | None = Field(None, min_length=1, description=(
+        "folder (local or s3://) where <lora:NAME:WEIGHT> tags find NAME.safetensors"))
 
 
 class ComputeSpec(_Strict):
@@ -144,6 +150,8 @@ class ComputeSpec(_Strict):
     gpus_per_actor: Float = Field(0, ge=0, allow_inf_nan=False,
                                   description="fractions share one GPU between actors")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    lora_cache_mb: Int = Field(1024, ge=1, description=(
+        "LoRA adapters each actor keeps loaded, in MiB (least recently used out)"))
     compile: bool = Field(False, description=(
         "torch.compile the UNet when each actor loads the model; batches are padded to "
         "batch_size so a job compiles once per image size, never mid-run"))

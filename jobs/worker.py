@@ -87,6 +87,11 @@ class ShardWorker:
         # sizes the spec leaves out are the model's own (the pipeline knows it once loaded)
         self.spec = spec = with_native_size(spec, pipeline.native_size)
         self.pipeline = pipeline
+        if getattr(pipeline, "unet", None) is not None:  # adapters read once per actor
+            from ldm_jobs.model.lora_cache import AdapterCache
+
+            pipeline.lora_cache = AdapterCache(pipeline, spec.compute.lora_cache_mb * 2**20,
+                                               storage=spec.storage)
         if spec.compute.compile:
             self._compile()
         self.model = model_tag(pipeline)
@@ -187,15 +192,27 @@ class ShardWorker:
                                        if t.init_image.size != (t.width, t.height)
                                        else t.init_image for t in batch],
                        "strength": first.strength}
+        if any(t.loras for t in batch):
+            options["loras"] = [dict(t.loras) for t in batch]
         return self.pipeline.generate(
-            [t.prompt for t in batch], seeds=[t.seed for t in batch],
+            [t.prompt if t.text is None else t.text for t in batch], seeds=[t.seed for t in batch],
             negative_prompts=[t.negative_prompt for t in batch], steps=first.steps,
             guidance_scale=[t.guidance_scale for t in batch], sampler=first.sampler,
             width=first.width, height=first.height, **options)
 
+    def _adapters(self, task: ImageTask) -> tuple:
+        """The task's LoRAs as (name, sha256, web UI hash, weight), each read and checked
+        against the model once per actor (a LoraError, a ValueError, names what is wrong)."""
+        cache = getattr(self.pipeline, "lora_cache", None)
+        if task.loras and cache is None:
+            raise ValueError("this pipeline does not take LoRAs")
+        adapters = [(cache.get(source), weight) for source, weight in task.loras]
+        return tuple((a.name, a.sha256, a.webui_hash, w) for a, w in adapters)
+
     def _encode(self, task: ImageTask, image: Image.Image) -> bytes:
         name, _, content_hash = self.model.partition("@")
-        text = parameters_text(task, name, content_hash)
+        loras = [(lora, webui_hash, w) for lora, _, webui_hash, w in task.adapters]
+        text = parameters_text(task, name, content_hash, loras)
         return encode(image, self.spec.output.image_format, text, self.spec.output.quality)
 
     def _generate_all(self, tasks: list[ImageTask]) -> tuple[dict[int, Future], dict[int, str]]:
@@ -207,6 +224,12 @@ class ShardWorker:
         index_of = {id(task): i for i, task in enumerate(tasks)}
         encoded: dict[int, Future] = {}
         failed: dict[int, str] = {}
+        for task in tasks:  # a missing or unfit LoRA costs its rows, before any batch
+            try:
+                task.adapters = self._adapters(task)
+            except ValueError as error:
+                failed.setdefault(task.row, f"loras: {error}")
+        tasks = [task for task in tasks if task.row not in failed]
         for batch in batches(tasks, self.spec.compute.batch_size):
             try:
                 results = [(batch, self._generate(batch))]
@@ -288,6 +311,8 @@ class ShardWorker:
             "height": [t.height for t in tasks],
             "strength": [t.strength for t in tasks],
             "model": [self.model] * len(tasks),
+            "loras": [[{"name": name, "sha256": sha, "weight": w}
+                       for name, sha, _, w in t.adapters] for t in tasks],
             "image": images,
             "image_format": [self.spec.output.image_format] * len(tasks),
         }

@@ -82,6 +82,7 @@ class GenerationRequest:
     strength: float | None = None
     prompt_syntax: str = "plain"
     extra: dict = field(default_factory=dict)
+    loras: list | None = None  # per row: a tuple of (Adapter, weight), see lora_rows
 
 
 class Pipeline:
@@ -121,6 +122,8 @@ class Pipeline:
         self.text_cache_size = int(text_cache_size)
         # keyed by the model and the text (plain) or its parsed chunks (a1111)
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        # the text-encoder LoRAs patched in while texts are encoded (a text cache key part)
+        self.text_adapter_key: tuple = ()
         if decode_chunk_size is not None and int(decode_chunk_size) < 1:
             raise ValueError(f"decode_chunk_size={decode_chunk_size} must be None or >= 1")
         self.decode_chunk_size = decode_chunk_size
@@ -207,6 +210,7 @@ class Pipeline:
         init_images: Sequence[Image.Image] | None = None,
         strength: float = 0.75,
         prompt_syntax: str = "plain",
+        loras: Sequence[dict[str, float]] | None = None,
         *,
         seed: int | None = None,
     ) -> list[Image.Image]:
@@ -223,13 +227,17 @@ class Pipeline:
             sampler, native_width if width is None else width,
             native_height if height is None else height, init_images, strength, prompt_syntax,
         )
+        if loras is not None:  # one {source: weight} per prompt; see lora_rows
+            from . import lora_rows
+
+            request.loras = lora_rows.resolve(self, loras, len(request.prompts))
         if not self.batch_bucket:
-            images = self.decode(self.denoise(request))
+            images = self.decode(self._denoise(request))
         else:
             images = []
             for part in _split(request, self.batch_bucket):
                 rows = len(part.prompts)
-                latents = self.denoise(_pad(part, self.batch_bucket))
+                latents = self._denoise(_pad(part, self.batch_bucket))
                 images += self.decode(latents[:rows])
         for image, row_seed in zip(images, request.seeds):
             image.info["seed"] = row_seed
@@ -328,38 +336,50 @@ class Pipeline:
         )
 
     # ------------------------------------------------------------------- stages
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Text embeddings (B, 77, D) in the pipeline's dtype.
+    def encode_text(self, texts: list[str], adapters: Sequence | None = None) -> torch.Tensor:
+        """Text embeddings (B, 77, D) in the pipeline's dtype, read plainly.
 
         Each distinct text is encoded once per call, and the last ``text_cache_size``
         distinct texts are remembered (keyed by the text and the encoder, its dtype and
-        device), so a repeated prompt or negative prompt skips the text encoder.
+        device, and its LoRAs), so a repeated prompt or negative prompt skips the text
+        encoder. ``adapters``: one LoRA set per text (``request.loras``' entries).
         """
-        texts = list(texts)
-        if self.text_cache_size <= 0:
-            return self._encode_texts(texts)
-        return torch.stack(self._cached(texts, lambda missing: list(self._encode_texts(missing))))
+        return torch.stack(self._text_rows(list(texts), "plain", adapters))
 
-    def encode_prompts(self, texts: list[str], syntax: str = "plain") -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_prompts(self, texts: list[str], syntax: str = "plain",
+                       adapters: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet context (B, S, D) of the texts read in ``syntax``, and its key mask
         (B, S) where the texts' lengths differ (None where they do not). Plain texts are
         77 tokens each; web-UI ones 77 per chunk, cached by their parsed chunks."""
+        return prompt_encoding.pad_contexts(self._text_rows(list(texts), syntax, adapters))
+
+    def _text_rows(self, texts: list[str], syntax: str,
+                   adapters: Sequence | None = None) -> list[torch.Tensor]:
+        """One embedding (S_i, D) per text; texts with text-encoder LoRAs are encoded with
+        their own set patched in (``lora_rows.encode_rows``)."""
+        if adapters is not None and any(adapters):
+            from . import lora_rows
+
+            return lora_rows.encode_rows(self, texts, adapters,
+                                         lambda group: self._text_rows(group, syntax))
         if syntax == "plain":
-            return self.encode_text(texts), None
-        chunked = [prompt_encoding.text_chunks(text, self.tokenizer) for text in texts]
-        keys = [("a1111", chunks) for chunks in chunked]
+            keys: list = texts
 
-        def encode(missing: list) -> list[torch.Tensor]:
-            embeddings = prompt_encoding.encode_chunks(
-                [chunks for _, chunks in missing], self.tokenizer, self._encode_ids)
-            return [e.to(self.dtype) for e in embeddings]
+            def encode(missing: list) -> list[torch.Tensor]:
+                return list(self._encode_texts(missing))
+        else:
+            keys = [("a1111", prompt_encoding.text_chunks(text, self.tokenizer)) for text in texts]
 
-        rows = self._cached(keys, encode) if self.text_cache_size > 0 else encode(keys)
-        return prompt_encoding.pad_contexts(rows)
+            def encode(missing: list) -> list[torch.Tensor]:
+                embeddings = prompt_encoding.encode_chunks(
+                    [chunks for _, chunks in missing], self.tokenizer, self._encode_ids)
+                return [e.to(self.dtype) for e in embeddings]
+        return self._cached(keys, encode) if self.text_cache_size > 0 else encode(keys)
 
     def _cached(self, keys: list, encode) -> list[torch.Tensor]:
         """One embedding per key; ``encode(missing keys)`` makes those not cached yet."""
-        model_key = (id(self.text_encoder), self.content_hash, self.dtype, str(self.device))
+        model_key = (id(self.text_encoder), self.content_hash, self.dtype, str(self.device),
+                     self.text_adapter_key)
         found: dict = {}
         for key in dict.fromkeys(keys):
             row = self._text_cache.get((model_key, key))
@@ -396,10 +416,11 @@ class Pipeline:
         scale <= 1 run the conditional branch alone, as diffusers does.
         """
         guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
-        texts = request.prompts
+        texts, loras = request.prompts, request.loras
         if bool(guided.any()):  # one text-encoder pass over the prompts and negatives
             texts = [*request.negative_prompts, *request.prompts]
-        context, mask = self.encode_prompts(texts, request.prompt_syntax)
+            loras = None if loras is None else [*loras, *loras]
+        context, mask = self.encode_prompts(texts, request.prompt_syntax, loras)
         return context, (None if mask is None else self._to_device(mask)), guided
 
     def initial_noise(self, generators: list[torch.Generator], shape: tuple) -> torch.Tensor:
@@ -455,6 +476,13 @@ class Pipeline:
         t = t.to(self.device)
         return torch.cat([t, t]) if doubled else t
 
+    def _denoise(self, request: GenerationRequest) -> torch.Tensor:
+        if request.loras and any(request.loras):
+            from . import lora_rows
+
+            return lora_rows.denoise(self, request)
+        return self.denoise(request)
+
     def denoise(self, request: GenerationRequest) -> torch.Tensor:
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
         shape = (self.latent_channels, request.height // self.vae_factor, request.width // self.vae_factor)
@@ -506,7 +534,7 @@ class Pipeline:
         return np.ascontiguousarray(pixels.permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
 
 
-_ROW_FIELDS = ("prompts", "negative_prompts", "seeds", "guidance_scales", "init_images")
+_ROW_FIELDS = ("prompts", "negative_prompts", "seeds", "guidance_scales", "init_images", "loras")
 
 
 def _with_rows(request: GenerationRequest, rows) -> GenerationRequest:

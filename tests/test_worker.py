@@ -85,7 +85,8 @@ def test_ids_seeds_and_columns(tmp_path, fake_pipeline):
     shard = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     assert shard.column_names == [
         "id", "prompt", "negative_prompt", "seed", "sampler", "steps", "guidance_scale",
-        "width", "height", "strength", "model", "image", "image_format", "tag", "input_model"]
+        "width", "height", "strength", "model", "loras", "image", "image_format", "tag",
+            "input_model"]
     ids = shard.column("id").to_pylist()
     assert ids == ["00000000", "00000000-1", "00000000-2", "00000001", "00000001-1",
                    "00000001-2"]

@@ -1,0 +1,94 @@
+"""LoRA files for tests, written the way the ecosystem writes them.
+
+Random low-rank weights for a diffusers reference model's modules (names taken from the
+diffusers / transformers models themselves, not from ours), saved by diffusers'
+``save_lora_weights`` (PEFT layout, with its adapter metadata) or converted by diffusers'
+``convert_state_dict_to_kohya`` and saved with safetensors (the kohya / sd-scripts
+layout: ``lora_unet_*``, ``lora_te_*``, ``lora_down`` / ``lora_up`` / ``alpha``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# module-name endings a LoRA targets: attention and MLP Linears, the transformer's
+# projections, and (LoCon) the ResNet, sampler and time-embedding layers
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                  "ff.net.2")
+UNET_LOCON = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv",
+              "upsamplers.0.conv")
+TEXT = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def _modules(model: nn.Module, endings) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and name.endswith(tuple(endings))}
+
+
+def random_peft(model: nn.Module, endings, rank: int, seed: int, strength: float = 1.0
+                ) -> dict[str, torch.Tensor]:
+    """PEFT-named low-rank weights (``{module}.lora_A.weight`` / ``lora_B.weight``)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    # transformers 5 keeps CLIP's layers at the top of the model; files name them as
+    # transformers 4 and every trainer did, under `text_model.`
+    level = "text_model." if hasattr(model, "encoder") and not hasattr(model, "text_model") else ""
+    for name, m in _modules(model, endings).items():
+        name = level + name
+        w = m.weight
+        down_shape = (rank, *w.shape[1:])
+        up_shape = (w.shape[0], rank) + ((1, 1) if w.ndim == 4 else ())
+        fan_in = w[0].numel()
+        state[f"{name}.lora_A.weight"] = torch.randn(down_shape, generator=g) / fan_in**0.5
+        state[f"{name}.lora_B.weight"] = torch.randn(up_shape, generator=g) * strength / rank**0.5
+    return state
+
+
+def save_peft(path: Path, unet_state=None, text_state=None, alpha: float | None = None,
+              rank: int = 4) -> Path:
+    """diffusers' own writer; with ``alpha``, the LoraConfig metadata it records."""
+    from diffusers import StableDiffusionPipeline
+
+    def meta(state, endings):
+        if alpha is None or not state:
+            return None
+        return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(endings)}
+
+    StableDiffusionPipeline.save_lora_weights(
+        path.parent, unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
+        weight_name=path.name, unet_lora_adapter_metadata=meta(unet_state, UNET_ATTENTION),
+        text_encoder_lora_adapter_metadata=meta(text_state, TEXT))
+    return path
+
+
+def kohya_state(unet_state=None, text_state=None, alphas=None) -> dict[str, torch.Tensor]:
+    """diffusers' PEFT -> kohya converter, with sd-scripts' SD 1.x/2.x text prefix
+    (``lora_te_``). ``alphas``: module-name ending -> alpha (None drops the key)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    peft = {**{f"unet.{k}": v for k, v in (unet_state or {}).items()},
+            **{f"text_encoder.{k}": v for k, v in (text_state or {}).items()}}
+    kohya = convert_state_dict_to_kohya(peft)
+    kohya = {k.replace("lora_te1_", "lora_te_"): v.contiguous() for k, v in kohya.items()}
+    for ending, alpha in (alphas or {}).items():
+        for key in [k for k in kohya if k.endswith(".alpha") and k[:-6].endswith(ending)]:
+            if alpha is None:
+                del kohya[key]
+            else:
+                kohya[key] = torch.tensor(float(alpha))
+    return kohya
+
+
+def save_safetensors(path: Path, state: dict[str, torch.Tensor], metadata=None) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    return path
+
+
+def kohya_name(module_path: str, prefix: str = "lora_unet_") -> str:
+    """sd-scripts' name of a module: the prefix and the path with `_` for `.`."""
+    return prefix + module_path.replace(".", "_")
