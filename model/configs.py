@@ -81,7 +81,11 @@ class UNetConfig:
     upcast_attention: bool = False
     only_cross_attention: Any = False
     class_embed_type: Any = None
+    # SDXL: "text_time", an embedding of the pooled text and the size/crop time ids added
+    # to the timestep embedding
     addition_embed_type: Any = None
+    addition_time_embed_dim: Any = None
+    projection_class_embeddings_input_dim: Any = None
     time_cond_proj_dim: Any = None
     resnet_time_scale_shift: str = "default"
     center_input_sample: bool = False
@@ -104,7 +108,6 @@ class UNetConfig:
     def check(self) -> None:
         unsupported = {
             "class_embed_type": (self.class_embed_type, None),
-            "addition_embed_type": (self.addition_embed_type, None),
             "time_cond_proj_dim": (self.time_cond_proj_dim, None),
             "resnet_time_scale_shift": (self.resnet_time_scale_shift, "default"),
             "center_input_sample": (self.center_input_sample, False),
@@ -115,6 +118,14 @@ class UNetConfig:
         for name, (value, wanted) in unsupported.items():
             if value != wanted:
                 raise ConfigError(f"UNet config {name}={value!r} is not supported (only {wanted!r})")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ConfigError(
+                f"UNet config addition_embed_type={self.addition_embed_type!r} is not supported "
+                "(only None or 'text_time')")
+        if self.addition_embed_type == "text_time":
+            for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if not isinstance(getattr(self, name), int):
+                    raise ConfigError(f"UNet config {name} must be an integer with addition_embed_type 'text_time'")
         allowed_down = {"CrossAttnDownBlock2D", "DownBlock2D"}
         allowed_up = {"CrossAttnUpBlock2D", "UpBlock2D"}
         for name, types, allowed in (
@@ -174,6 +185,10 @@ class TextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # where the pooled embedding is read (CLIPTextModelWithProjection): the first
+    # eos_token_id, or, for configs with the legacy value 2, the highest token id
+    eos_token_id: int = 49407
+    projection_dim: int = 512
 
     def check(self) -> None:
         if self.hidden_act not in ("quick_gelu", "gelu"):
@@ -183,3 +198,27 @@ class TextConfig:
                 f"text encoder hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}"
             )
+
+
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+
+
+def family_of(unet: dict[str, Any], text: dict[str, Any] | None) -> str:
+    """Which family a model belongs to, from its UNet config and its (last) text encoder's.
+
+    SDXL's UNet adds the "text_time" embedding: pooled text plus one sinusoid per time id,
+    six for the base model (sizes and crop), five for the refiner (aesthetic score instead
+    of the target size). SD 2.x reads OpenCLIP (exact GELU); SD 1.x OpenAI CLIP.
+    """
+    if unet.get("addition_embed_type") == "text_time":
+        pooled = (text or {}).get("projection_dim", 0)
+        per_id = unet.get("addition_time_embed_dim") or 1
+        ids, rest = divmod(int(unet.get("projection_class_embeddings_input_dim", 0)) - int(pooled), int(per_id))
+        if rest or ids not in (5, 6):
+            raise ConfigError(
+                f"UNet config projection_class_embeddings_input_dim={unet.get('projection_class_embeddings_input_dim')}"
+                f" is neither SDXL's 6 nor the refiner's 5 time ids of {per_id} plus the pooled {pooled}")
+        return "sdxl_refiner" if ids == 5 else "sdxl"
+    if (text or {}).get("hidden_act") == "gelu":
+        return "sd2"
+    return "sd1"

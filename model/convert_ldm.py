@@ -29,7 +29,32 @@ COMPONENT_PREFIXES: dict[str, str] = {
     "vae": "first_stage_model.",
     "text_encoder": "cond_stage_model.transformer.",  # SD 1.x: OpenAI CLIP, HF layout inside
     "open_clip": "cond_stage_model.model.",  # SD 2.x: OpenCLIP layout, fused q/k/v
+    # SDXL (Stability's sgm): CLIP ViT-L in HF layout, OpenCLIP bigG; the refiner has bigG alone
+    "sdxl_clip": "conditioner.embedders.0.transformer.",
+    "sdxl_open_clip": "conditioner.embedders.1.model.",
+    "refiner_open_clip": "conditioner.embedders.0.model.",
 }
+
+# family -> pipeline text component -> (key group above, how that tower is read: "clip" is
+# HF layout, "open_clip" the whole OpenCLIP tower with its projection, "open_clip_cut" SD
+# 2.x's without its last block)
+TEXT_TOWERS: dict[str, dict[str, tuple[str, str]]] = {
+    "sd1": {"text_encoder": ("text_encoder", "clip")},
+    "sd2": {"text_encoder": ("open_clip", "open_clip_cut")},
+    "sdxl": {"text_encoder": ("sdxl_clip", "clip"), "text_encoder_2": ("sdxl_open_clip", "open_clip")},
+    "sdxl_refiner": {"text_encoder_2": ("refiner_open_clip", "open_clip")},
+}
+
+
+def single_file_family(groups: Mapping[str, Mapping[str, Shape]]) -> str:
+    """The family of a single file from which text towers it holds."""
+    if groups.get("sdxl_open_clip"):
+        return "sdxl"
+    if groups.get("refiner_open_clip"):
+        return "sdxl_refiner"
+    if groups.get("open_clip") and not groups.get("text_encoder"):
+        return "sd2"
+    return "sd1"
 
 # Keys of an original checkpoint that carry no weights of the three networks: the
 # training-time noise schedule buffers, EMA copies (SD files ship the EMA weights as the
@@ -37,8 +62,9 @@ COMPONENT_PREFIXES: dict[str, str] = {
 IGNORED_KEYS = re.compile(
     r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_\w+|log_one_minus_alphas_cumprod"
     r"|posterior_\w+|logvar|lvlb_weights|model_ema\..*|first_stage_model\.loss\..*"
-    r"|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids"
-    r"|cond_stage_model\.model\.(text_projection|logit_scale|attn_mask))$"
+    r"|(cond_stage_model|conditioner\.embedders\.\d)\.transformer\.(text_model\.)?embeddings\.position_ids"
+    r"|cond_stage_model\.model\.(text_projection|logit_scale|attn_mask)"
+    r"|conditioner\.embedders\.\d\.model\.(logit_scale|attn_mask))$"
 )
 
 
@@ -68,6 +94,8 @@ OPS: dict[str, tuple[Callable[[torch.Tensor, int], torch.Tensor], Callable[[Shap
     "conv_to_linear": (_conv_to_linear, lambda s, part: s[:2] if len(s) == 4 and s[2:] == (1, 1) else s),
     # OpenCLIP's fused in_proj: rows [q; k; v]
     "third": (_third, lambda s, part: (s[0] // 3, *s[1:])),
+    # OpenCLIP's text_projection is applied as x @ P: [width, proj]; a Linear holds P^T
+    "transpose": (lambda t, part: t.T.contiguous(), lambda s, part: tuple(reversed(s))),
 }
 
 Plan = dict[str, Ref]  # our key -> source
@@ -81,6 +109,8 @@ _UNET_TOP = {
     "input_blocks.0.0": "conv_in",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
+    "label_emb.0.0": "add_embedding.linear_1",  # SDXL's text_time embedding
+    "label_emb.0.2": "add_embedding.linear_2",
 }
 _RESNET = {
     "in_layers.0": "norm1",
@@ -166,8 +196,13 @@ def unet_config_from_shapes(shapes: Mapping[str, Shape]) -> dict[str, Any]:
     heads: Any = [c // 64 for c in channels] if linear else 8
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+    sdxl = "label_emb.0.0.weight" in shapes
+    # SDXL's added embedding: pooled text and 256-wide sinusoids of the time ids
+    added = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+             "projection_class_embeddings_input_dim": shapes["label_emb.0.0.weight"][1]} if sdxl else {}
     return {
-        "sample_size": 96 if linear else 64,
+        **added,
+        "sample_size": 128 if sdxl else 96 if linear else 64,
         "in_channels": shapes["input_blocks.0.0.weight"][1],
         "out_channels": shapes["out.2.weight"][0],
         "down_block_types": down,
@@ -178,7 +213,7 @@ def unet_config_from_shapes(shapes: Mapping[str, Shape]) -> dict[str, Any]:
         "cross_attention_dim": shapes[attn_keys[0]][1] if attn_keys else 768,
         "use_linear_projection": linear,
         # SD 2.x overflows in half precision without it (diffusers' SD 2.1 config sets it)
-        "upcast_attention": linear,
+        "upcast_attention": linear and not sdxl,
         "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
     }
 
@@ -273,8 +308,9 @@ def clip_config_from_shapes(shapes: Mapping[str, Shape], hidden_act: str = "quic
 
 
 def _with_text_model(key: str) -> str:
-    # CLIPTextModel's files use ``text_model.``-prefixed keys; some writers dropped the level
-    return key if key.startswith("text_model.") else f"text_model.{key}"
+    # CLIPTextModel's files use ``text_model.``-prefixed keys; some writers dropped the
+    # level. The projection of CLIPTextModelWithProjection sits beside it, never inside.
+    return key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"
 
 
 def clip_plan(keys: list[str]) -> tuple[Plan, list[str]]:
@@ -308,15 +344,19 @@ _RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
 _IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
 
 
-def open_clip_plan(keys: list[str]) -> tuple[Plan, list[str]]:
-    """SD 2.x OpenCLIP text tower -> CLIPTextModel keys.
+def open_clip_plan(keys: list[str], cut: bool = True) -> tuple[Plan, list[str]]:
+    """OpenCLIP text tower -> CLIPTextModel(WithProjection) keys.
 
-    SD 2.x conditions on the penultimate layer's output (then ``ln_final``), so the last
-    residual block is left out: a CLIPTextModel one layer shorter gives exactly that.
+    SD 2.x (``cut``) conditions on the penultimate layer's output (then ``ln_final``), so
+    the last residual block is left out: a CLIPTextModel one layer shorter gives exactly
+    that. SDXL keeps the whole tower and its projection (for the pooled embedding).
     """
-    last = _count({k: () for k in keys}, r"^transformer\.resblocks\.(\d+)\.") - 1
+    last = _count({k: () for k in keys}, r"^transformer\.resblocks\.(\d+)\.") - 1 if cut else -1
     plan, unknown = {}, []
     for key in keys:
+        if key == "text_projection" and not cut:
+            plan["text_projection.weight"] = Ref(key, "transpose")
+            continue
         if key in _OPEN_CLIP_UNUSED:
             continue
         if key in _OPEN_CLIP_TOP:
@@ -333,17 +373,31 @@ def open_clip_plan(keys: list[str]) -> tuple[Plan, list[str]]:
     return plan, unknown
 
 
-def open_clip_config_from_shapes(shapes: Mapping[str, Shape]) -> dict[str, Any]:
+def open_clip_config_from_shapes(shapes: Mapping[str, Shape], cut: bool = True) -> dict[str, Any]:
     vocab, width = shapes["token_embedding.weight"]
+    whole = {} if cut else {
+        "projection_dim": shapes["text_projection"][1],
+        "eos_token_id": 2,  # as SDXL's text_encoder_2/config.json: pooled at the highest id
+    }
     return {
+        **whole,
         "vocab_size": vocab,
         "hidden_size": width,
         "intermediate_size": shapes["transformer.resblocks.0.mlp.c_fc.weight"][0],
-        "num_hidden_layers": _count(shapes, r"^transformer\.resblocks\.(\d+)\.") - 1,
+        "num_hidden_layers": _count(shapes, r"^transformer\.resblocks\.(\d+)\.") - (1 if cut else 0),
         "num_attention_heads": width // 64,
         "max_position_embeddings": shapes["positional_embedding"][0],
         "hidden_act": "gelu",  # OpenCLIP uses exact GELU, OpenAI CLIP quick_gelu
     }
+
+
+# how each kind of text tower (TEXT_TOWERS) is read: (config from shapes, plan from keys)
+TOWER_READERS: dict[str, tuple[Callable, Callable]] = {
+    "clip": (clip_config_from_shapes, clip_plan),
+    "open_clip_cut": (open_clip_config_from_shapes, open_clip_plan),
+    "open_clip": (lambda shapes: open_clip_config_from_shapes(shapes, cut=False),
+                  lambda keys: open_clip_plan(keys, cut=False)),
+}
 
 
 # --------------------------------------------------------------------- scheduler

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .configs import TextConfig, UNetConfig, VAEConfig
-from .pipeline import Pipeline, resolve_dtype
+from .pipeline import Pipeline, resolve_dtype, vae_dtype
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
@@ -76,14 +76,18 @@ def build_tiny_random(device, dtype) -> Pipeline:
                     name="builtin:tiny-random", digest=digest, device=device, dtype=dtype)
 
 
-def assemble(tokenizer, text_encoder, unet, vae, scheduler_config, *, name, digest, device, dtype) -> Pipeline:
+def assemble(tokenizer, text_encoder, unet, vae, scheduler_config, *, name, digest, device, dtype,
+             **family) -> Pipeline:
+    """The pipeline over loaded modules; ``family`` holds the Pipeline's family arguments
+    (``family``, ``tokenizer_2``, ``text_encoder_2``, ``force_zeros_for_empty_prompt``)."""
     torch_dtype = resolve_dtype(dtype)
-    vae_dtype = torch.float32 if torch_dtype == torch.float16 else torch_dtype
-    text_encoder.to(device, torch_dtype).eval()
+    for encoder in (text_encoder, family.get("text_encoder_2")):
+        if encoder is not None:
+            encoder.to(device, torch_dtype).eval()
     unet.to(device, torch_dtype).eval()
-    vae.to(device, vae_dtype).eval()
+    vae.to(device, vae_dtype(vae, torch_dtype)).eval()
     return Pipeline(tokenizer, text_encoder, unet, vae, scheduler_config,
-                    name=name, content_hash=digest, device=device, dtype=torch_dtype)
+                    name=name, content_hash=digest, device=device, dtype=torch_dtype, **family)
 
 
 def load_builtin_folder(name: str, device, dtype) -> Pipeline:
@@ -109,6 +113,8 @@ def load_path(path: str, device, dtype, config, *, name: str | None = None) -> P
         components.tokenizer, components.text_encoder, components.unet, components.vae,
         components.scheduler_config, name=name or components.name,
         digest=components.content_hash, device=device, dtype=dtype,
+        family=components.family, tokenizer_2=components.tokenizer_2,
+        text_encoder_2=components.text_encoder_2, **components.pipeline_options,
     )
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import prompt_encoding
+from . import conditioning, prompt_encoding
 from . import samplers as sampling
 from .prompts import parse_prompt
 
@@ -103,9 +103,20 @@ class Pipeline:
         text_cache_size: int = TEXT_CACHE_SIZE,
         decode_chunk_size: int | None = DECODE_CHUNK_SIZE,
         channels_last: bool | None = None,
+        family: str = "sd1",
+        tokenizer_2=None,
+        text_encoder_2: torch.nn.Module | None = None,
+        force_zeros_for_empty_prompt: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        # SDXL: the second tokenizer and encoder (the refiner has only these)
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_2 = text_encoder_2
+        self.family = family
+        self.text = conditioning.TextEncoders(
+            family, [(t, e) for t, e in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)) if e is not None],
+            force_zeros_for_empty_prompt)
         self.unet = unet
         self.vae = vae
         self.scheduler_config = dict(scheduler_config)
@@ -114,9 +125,7 @@ class Pipeline:
         self.content_hash = content_hash
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
-        # float16 overflows inside the VAE decoder of SD models (black/NaN images); keep the
-        # VAE in float32 there. bfloat16 has float32's range, so it may stay as it is.
-        self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        self.vae_dtype = vae_dtype(vae, self.dtype)
         self.latent_channels = int(getattr(unet.config, "in_channels", 4))
         self.vae_factor = int(vae.downsampling_factor)
         self.text_cache_size = int(text_cache_size)
@@ -213,8 +222,13 @@ class Pipeline:
         loras: Sequence[dict[str, float]] | None = None,
         *,
         seed: int | None = None,
+        **micro_conditioning: Any,
     ) -> list[Image.Image]:
         """One image per prompt; each image's ``info["seed"]`` is the seed it was drawn from.
+
+        SDXL takes diffusers' micro-conditioning arguments ``original_size``,
+        ``crops_coords_top_left``, ``target_size`` and, for the refiner, ``aesthetic_score``
+        / ``negative_aesthetic_score`` (see ``conditioning``).
 
         Seeds: ``seeds`` (one per prompt), or ``seed=s`` (prompt i gets ``s + i``, as a job
         row with seed s and several images per prompt), or neither (prompt i gets the seed a
@@ -227,6 +241,13 @@ class Pipeline:
             sampler, native_width if width is None else width,
             native_height if height is None else height, init_images, strength, prompt_syntax,
         )
+        unknown = set(micro_conditioning) - set(conditioning.OPTIONS)
+        if unknown:
+            raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
+        request.extra.update(conditioning.check_options(micro_conditioning))
+        if self.text.is_sdxl and (prompt_syntax != "plain" or loras is not None):
+            raise ValueError(f"{self.family}: prompt_syntax={prompt_syntax!r} and loras= are not supported "
+                             "for SDXL yet (plain prompts only)")
         if loras is not None:  # one {source: weight} per prompt; see lora_rows
             from . import lora_rows
 
@@ -410,18 +431,48 @@ class Pipeline:
 
     def text_context(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The UNet context for one call, its key mask (None: every key is real), and
-        which rows are guided.
+        which rows are guided (see ``unet_conditioning``)."""
+        cond, mask, guided = self.unet_conditioning(request)
+        return cond.context, mask, guided
+
+    def sdxl_prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: (context (B, 77, D), pooled (B, P)) in the pipeline's dtype, through the
+        text cache (one entry per text holds both, packed flat: ``conditioning.pack``)."""
+        def encode(keys: list) -> list[torch.Tensor]:
+            rows = []
+            for i in range(0, len(keys), TEXT_ENCODE_GROUP):  # fixed groups, as _encode_ids
+                group = [text for _, text in keys[i : i + TEXT_ENCODE_GROUP]]
+                padded = group + [group[-1]] * (TEXT_ENCODE_GROUP - len(group))
+                context, pooled = self.text.encode(padded, self._to_device)
+                rows += [conditioning.pack(c, p) for c, p in
+                         zip(context[: len(group)].to(self.dtype), pooled[: len(group)].to(self.dtype))]
+            return rows
+
+        keys = [("sdxl", text) for text in texts]
+        rows = self._cached(keys, encode) if self.text_cache_size > 0 else encode(keys)
+        return conditioning.unpack(rows, self.text)
+
+    def unet_conditioning(self, request: GenerationRequest) -> tuple[conditioning.Conditioning,
+                                                                    torch.Tensor | None, torch.Tensor]:
+        """What the UNet reads besides latents and timesteps (context; SDXL's pooled text
+        and time ids), the context's key mask (None: every key is real), and which rows
+        are guided.
 
         Guided rows stack [uncond; cond] so both branches run in one UNet call; rows with
         scale <= 1 run the conditional branch alone, as diffusers does.
         """
         guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
+        if self.text.is_sdxl:
+            cond = conditioning.build(
+                self.text, self.sdxl_prompts, request.prompts, request.negative_prompts,
+                bool(guided.any()), request.height, request.width, request.extra, self.dtype, self.device)
+            return cond, None, guided
         texts, loras = request.prompts, request.loras
         if bool(guided.any()):  # one text-encoder pass over the prompts and negatives
             texts = [*request.negative_prompts, *request.prompts]
             loras = None if loras is None else [*loras, *loras]
         context, mask = self.encode_prompts(texts, request.prompt_syntax, loras)
-        return context, (None if mask is None else self._to_device(mask)), guided
+        return conditioning.Conditioning(context), (None if mask is None else self._to_device(mask)), guided
 
     def initial_noise(self, generators: list[torch.Generator], shape: tuple) -> torch.Tensor:
         # One draw of batch 1 per sample from its own generator, in float32 on the CPU.
@@ -444,8 +495,10 @@ class Pipeline:
         return tensor * 2.0 - 1.0
 
     def model_fn(self, context: torch.Tensor, guided: torch.Tensor, scales: torch.Tensor,
-                 context_mask: torch.Tensor | None = None):
-        """The raw UNet prediction with classifier-free guidance, for the sampler."""
+                 context_mask: torch.Tensor | None = None, added: dict | None = None):
+        """The raw UNet prediction with classifier-free guidance, for the sampler.
+        ``added``: the UNet's other inputs (SDXL's ``pooled`` and ``time_ids``)."""
+        added = added or {}
         any_guided, all_guided = bool(guided.any()), bool(guided.all())
         guided = self._to_device(guided).view(-1, 1, 1, 1)
         scales = self._to_device(scales).view(-1, 1, 1, 1)
@@ -455,7 +508,7 @@ class Pipeline:
             x_unet = torch.cat([x_in, x_in]) if any_guided else x_in  # (2B or B, C, h, w)
             x_unet = self._layout(x_unet.to(self.device, self.dtype))
             out = self._unet_call(x_unet, self._timesteps(t, any_guided), context,
-                                  context_mask=context_mask)
+                                  context_mask=context_mask, **added)
             if self._clone_output and self.compiled:
                 out = out.clone()
             out = out.float()
@@ -486,9 +539,10 @@ class Pipeline:
     def denoise(self, request: GenerationRequest) -> torch.Tensor:
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
         shape = (self.latent_channels, request.height // self.vae_factor, request.width // self.vae_factor)
-        context, context_mask, guided = self.text_context(request)
+        cond, context_mask, guided = self.unet_conditioning(request)
+        context = cond.context
         scales = torch.tensor(request.guidance_scales, dtype=torch.float32)
-        predict = self.model_fn(context, guided, scales, context_mask)
+        predict = self.model_fn(context, guided, scales, context_mask, cond.unet_kwargs())
         # every step attends to the same text: its keys and values are computed once (a
         # compiled UNet computes them inside its graph instead)
         cached = None if self.compiled else getattr(self.unet, "cached_context", None)
@@ -576,6 +630,15 @@ def _pad(request: GenerationRequest, size: int) -> GenerationRequest:
     if extra <= 0:
         return request
     return _with_rows(request, lambda values: values + [values[-1]] * extra)
+
+
+def vae_dtype(vae: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype under the pipeline's: float16 overflows inside the decoder of SD
+    models (black/NaN images), so a VAE with ``force_upcast`` (diffusers' default, SDXL's
+    own) stays in float32 there; the fp16-fix VAEs say ``force_upcast: false``. bfloat16
+    has float32's range, so it may stay as it is."""
+    upcast = bool(getattr(getattr(vae, "config", None), "force_upcast", True))
+    return torch.float32 if dtype == torch.float16 and upcast else dtype
 
 
 def load_pipeline(

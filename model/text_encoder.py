@@ -89,10 +89,14 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last layer's output, and the output of layer ``keep`` (0-based) if asked."""
+        kept = None
+        for i, layer in enumerate(self.layers):
             x = layer(x)
-        return x
+            if i == keep:
+                kept = x
+        return x, kept
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -114,7 +118,7 @@ class CLIPTextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
+        return self.final_layer_norm(self.encoder(self.embeddings(input_ids))[0])
 
 
 def _accept_transformers5_keys(module, state_dict, prefix, *args) -> None:
@@ -153,6 +157,10 @@ class CLIPTextModel(nn.Module):
         return self.text_model.final_layer_norm.weight.device
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._check(input_ids)
+        return self.text_model(input_ids)
+
+    def _check(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -160,4 +168,35 @@ class CLIPTextModel(nn.Module):
         T, max_t = input_ids.shape[1], self.config.max_position_embeddings
         if T > max_t:
             raise ValueError(f"input_ids has {T} tokens; the text encoder takes at most {max_t}")
-        return self.text_model(input_ids)
+
+    def penultimate(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states of the second-to-last layer, with no final norm: what SDXL reads;
+        the last hidden state after the final norm), in one pass."""
+        self._check(input_ids)
+        model = self.text_model
+        last, kept = model.encoder(model.embeddings(input_ids), keep=self.config.num_hidden_layers - 2)
+        return kept, model.final_layer_norm(last)
+
+    def pooled_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where each row's pooled embedding is read, as transformers does: the first
+        ``eos_token_id``, or the highest id for configs with the legacy ``eos_token_id: 2``
+        (SDXL's text_encoder_2 among them)."""
+        if self.config.eos_token_id == 2:
+            return input_ids.argmax(dim=-1)
+        return (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIPTextModel plus ``text_projection`` (no bias): SDXL's second text encoder, whose
+    pooled, projected embedding conditions the UNet's added embedding."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def penultimate_and_pooled(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penultimate hidden states (B, T, D), projected pooled embedding (B, P))."""
+        hidden, last = self.penultimate(input_ids)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        pooled = last[rows, self.pooled_index(input_ids).to(last.device)]
+        return hidden, self.text_projection(pooled)

@@ -229,9 +229,10 @@ class CLIPTokenizer:
         self._unbounded: Tokenizer | None = None  # the backend without truncation, when needed
 
     @classmethod
-    def default(cls) -> CLIPTokenizer:
-        """The shipped CLIP vocabulary with SD 1.x conventions (pad with EOS, 77 tokens)."""
-        return cls(DATA_DIR / "vocab.json", DATA_DIR / "merges.txt")
+    def default(cls, pad_token: str | None = None) -> CLIPTokenizer:
+        """The shipped CLIP vocabulary with SD 1.x conventions (pad with EOS, 77 tokens),
+        or another pad token (SDXL's tokenizer_2 pads with "!")."""
+        return cls(DATA_DIR / "vocab.json", DATA_DIR / "merges.txt", pad_token=pad_token or EOS_TOKEN)
 
     @classmethod
     def from_folder(cls, path: str | Path) -> CLIPTokenizer:

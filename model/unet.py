@@ -211,6 +211,10 @@ class UNet(nn.Module):
         k_in, k_out = config.conv_in_kernel, config.conv_out_kernel
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], k_in, padding=(k_in - 1) // 2)
         self.time_embedding = TimestepEmbedding(ch[0], ch[0] * 4)
+        # SDXL's "text_time": the pooled text and each time id's sinusoid, through an MLP
+        self.add_embedding = None
+        if config.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, ch[0] * 4)
         self.down_blocks = nn.ModuleList(
             DownBlock(level, ch[max(level - 1, 0)], config) for level in range(config.levels)
         )
@@ -246,9 +250,22 @@ class UNet(nn.Module):
             for attn in layers:
                 attn.cache_context(None)
 
+    def _added_embedding(self, pooled, time_ids, like: torch.Tensor) -> torch.Tensor:
+        """SDXL: MLP(pooled text ++ sinusoids of each time id) -> (B, D)."""
+        if pooled is None or time_ids is None:
+            raise ValueError("this UNet (addition_embed_type 'text_time') needs pooled= and time_ids=")
+        c = self.config
+        B = time_ids.shape[0]
+        time_embeds = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim,
+                                         c.flip_sin_to_cos, c.freq_shift).reshape(B, -1)
+        return self.add_embedding(torch.cat([pooled, time_embeds.to(pooled.dtype)], dim=-1).to(like.dtype))
+
     def forward(self, latents: torch.Tensor, timesteps, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, *,
+                pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
         temb = self._time_embedding(timesteps, latents.shape[0], latents)
+        if self.add_embedding is not None:
+            temb = temb + self._added_embedding(pooled, time_ids, latents)  # (B, D)
         x = self.conv_in(latents)
         skips = [x]
         for block in self.down_blocks:

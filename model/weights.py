@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 
 from . import convert_ldm as ldm
-from .configs import ConfigError, TextConfig, UNetConfig, VAEConfig, from_dict, read_json
+from .configs import ConfigError, TextConfig, UNetConfig, VAEConfig, family_of, from_dict, read_json
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -221,7 +221,7 @@ def _parameters_on_meta() -> Iterator[None]:
 
 def fit_plan(component: str, plan: ldm.Plan, model: torch.nn.Module) -> ldm.Plan:
     """The plan with its key spelling matched to the module's (see ``fit_text_model_level``)."""
-    if component != "text_encoder":
+    if component not in _TEXT_ENCODERS:
         return plan
     return ldm.fit_text_model_level(plan, set(model.state_dict()))
 
@@ -238,13 +238,18 @@ class Components:
     """Everything a pipeline needs, loaded; ``content_hash`` identifies the weights."""
 
     tokenizer: Any
-    text_encoder: torch.nn.Module
+    text_encoder: torch.nn.Module | None  # None: the SDXL refiner reads text_encoder_2 alone
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler_config: dict[str, Any]
     name: str
     content_hash: str
     configs: dict[str, Any] = field(default_factory=dict)  # component -> its config dataclass
+    family: str = "sd1"  # sd1, sd2, sdxl, sdxl_refiner (configs.family_of)
+    tokenizer_2: Any = None
+    text_encoder_2: torch.nn.Module | None = None
+    # model_index.json settings that change how the pipeline reads text
+    pipeline_options: dict[str, Any] = field(default_factory=dict)
 
 
 # component -> (module, class, config dataclass); imported lazily
@@ -252,7 +257,9 @@ _MODELS: dict[str, tuple[str, str, type]] = {
     "unet": (".unet", "UNet", UNetConfig),
     "vae": (".vae", "AutoencoderKL", VAEConfig),
     "text_encoder": (".text_encoder", "CLIPTextModel", TextConfig),
+    "text_encoder_2": (".text_encoder", "CLIPTextModelWithProjection", TextConfig),
 }
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def build_ours(component: str, config: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
@@ -324,49 +331,57 @@ def _split_single_file(source: _Source, problems: _Problems) -> dict[str, dict[s
     return groups
 
 
+# The VAE's latent scale is not stored in the weights: each family's official value.
+_VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025}
+
+
 def _single_file_parts(
     path: Path, source: _Source, overrides: dict[str, dict[str, Any]], problems: _Problems,
 ) -> tuple[dict[str, _Part], str]:
-    """(component -> part, which text tower) for an original single-file checkpoint."""
+    """(component -> part, family) for an original single-file checkpoint."""
     groups = _split_single_file(source, problems)
-    text_kind = "open_clip" if groups["open_clip"] and not groups["text_encoder"] else "text_encoder"
-    if groups["open_clip"] and groups["text_encoder"]:
-        problems.unexpected += [ldm.COMPONENT_PREFIXES["open_clip"] + k for k in groups["open_clip"]]
-    for component in ("unet", "vae", text_kind):
-        if not groups[component]:
+    family = ldm.single_file_family(groups)
+    towers = ldm.TEXT_TOWERS[family]
+    # every component -> (key group, config from shapes, plan from keys)
+    readers = {
+        "unet": ("unet", ldm.unet_config_from_shapes, None),
+        "vae": ("vae", ldm.vae_config_from_shapes, None),
+        **{name: (group, *ldm.TOWER_READERS[kind]) for name, (group, kind) in towers.items()},
+    }
+    used = {group for group, _, _ in readers.values()}
+    for group, keys in groups.items():  # another family's tower beside this one's
+        if group not in used:
+            problems.unexpected += [ldm.COMPONENT_PREFIXES[group] + k for k in keys]
+    configs = {}
+    for name, (group, infer, _) in readers.items():
+        prefix = ldm.COMPONENT_PREFIXES[group]
+        if not groups[group]:
             raise CheckpointError(
-                f"{path}: no {component} weights (no keys under {ldm.COMPONENT_PREFIXES[component]!r}); "
+                f"{path}: no {name} weights (no keys under {prefix!r}); "
                 "is this an original Stable Diffusion checkpoint?"
             )
-    infer = {
-        "unet": ldm.unet_config_from_shapes,
-        "vae": ldm.vae_config_from_shapes,
-        "text_encoder": ldm.clip_config_from_shapes,
-        "open_clip": ldm.open_clip_config_from_shapes,
-    }
-    configs = {}
-    for component in ("unet", "vae", text_kind):
-        name = "text_encoder" if component == "open_clip" else component
         if name in overrides:
             configs[name] = overrides[name]
             continue
         try:
-            configs[name] = infer[component](groups[component])
+            configs[name] = infer(groups[group])
         except KeyError as e:
-            raise CheckpointError(f"{path}: cannot infer the {name} config: no key {ldm.COMPONENT_PREFIXES[component]}{e.args[0]}") from None
+            raise CheckpointError(f"{path}: cannot infer the {name} config: no key {prefix}{e.args[0]}") from None
         except (ValueError, IndexError) as e:
             raise CheckpointError(f"{path}: cannot infer the {name} config: {e}") from None
+    if "vae" not in overrides:
+        configs["vae"]["scaling_factor"] = _VAE_SCALING[family]
     plans = {
         "unet": ldm.unet_plan(list(groups["unet"]), int(configs["unet"].get("layers_per_block", 2))),
         "vae": ldm.vae_plan(list(groups["vae"]), len(configs["vae"].get("block_out_channels", (0,) * 4))),
-        "text_encoder": (ldm.open_clip_plan if text_kind == "open_clip" else ldm.clip_plan)(list(groups[text_kind])),
+        **{name: plan(list(groups[readers[name][0]])) for name, (_, _, plan) in readers.items() if plan},
     }
     parts = {}
     for name, (plan, unknown) in plans.items():
-        prefix = ldm.COMPONENT_PREFIXES[text_kind if name == "text_encoder" else name]
+        prefix = ldm.COMPONENT_PREFIXES[readers[name][0]]
         problems.unexpected += [prefix + k for k in unknown]
         parts[name] = _Part(configs[name], _prefixed(plan, prefix), source)
-    return parts, text_kind
+    return parts, family
 
 
 # diffusers folder: component -> weight file stems, best first
@@ -374,6 +389,7 @@ _FOLDER_STEMS = {
     "unet": ("diffusion_pytorch_model",),
     "vae": ("diffusion_pytorch_model",),
     "text_encoder": ("model", "pytorch_model"),
+    "text_encoder_2": ("model", "pytorch_model"),
 }
 # diffusers before 0.14 named the VAE's attention differently
 _OLD_VAE_ATTENTION = re.compile(r"(mid_block\.attentions\.0)\.(query|key|value|proj_attn)\.")
@@ -417,9 +433,27 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _folder_configs(folder: Path) -> dict[str, dict[str, Any]]:
-    configs = {c: _read_config(folder / c / "config.json") for c in _MODELS}
+    """Each component's config: the UNet and VAE always, the text encoders the folder has
+    (SD 1.x/2.x text_encoder/, SDXL both, the SDXL refiner text_encoder_2/ alone)."""
+    present = [c for c in _MODELS if c not in _TEXT_ENCODERS or (folder / c / "config.json").is_file()]
+    if not any(c in present for c in _TEXT_ENCODERS):
+        raise CheckpointError(f"{folder}: no text encoder (no text_encoder/config.json or text_encoder_2/config.json)")
+    configs = {c: _read_config(folder / c / "config.json") for c in present}
     configs["scheduler"] = _read_config(folder / "scheduler" / "scheduler_config.json")
     return configs
+
+
+def _folder_family(folder: Path, configs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """(family, pipeline options) of a diffusers folder; its model_index.json may set
+    ``force_zeros_for_empty_prompt`` (diffusers' SDXL pipelines default to True)."""
+    family = family_of(configs["unet"], configs.get("text_encoder_2") or configs.get("text_encoder"))
+    if family in ("sdxl", "sdxl_refiner") and "text_encoder_2" not in configs:
+        raise CheckpointError(f"{folder}: an SDXL UNet needs text_encoder_2/ (none found)")
+    index = _read_config(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    options = {}
+    if family in ("sdxl", "sdxl_refiner"):
+        options["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
+    return family, options
 
 
 class HashCancelled(Exception):
@@ -480,12 +514,14 @@ def _config_files(folder: Path) -> dict[str, Path]:
     return {f"{p.parent.name}/{p.name}": p for p in folder.glob("*/*.json")}
 
 
-def _tokenizer(folder: Path | None):
+def _tokenizer(folder: Path | None, name: str = "tokenizer"):
+    """The folder's tokenizer; else the shipped CLIP vocabulary with the family's padding
+    (SDXL's tokenizer_2 pads with "!", every other with the end token)."""
     from .tokenizer import CLIPTokenizer
 
-    if folder is not None and (folder / "tokenizer").is_dir():
-        return CLIPTokenizer.from_folder(folder / "tokenizer")
-    return CLIPTokenizer.default()
+    if folder is not None and (folder / name).is_dir():
+        return CLIPTokenizer.from_folder(folder / name)
+    return CLIPTokenizer.default(pad_token="!" if name == "tokenizer_2" else None)
 
 
 def load_components(
@@ -507,7 +543,8 @@ def load_components(
         if not (path / "model_index.json").is_file():
             raise CheckpointError(f"{path}: not a diffusers folder (no model_index.json)")
         configs = _folder_configs(config_dir or path)
-        files = {c: _folder_weights(path, c, dtype) for c in _MODELS}
+        family, options = _folder_family(config_dir or path, configs)
+        files = {c: _folder_weights(path, c, dtype) for c in _MODELS if c in configs}
         parts = {}
         for component, file in files.items():
             src = _open_source(file)
@@ -517,9 +554,11 @@ def load_components(
     else:
         src = _open_source(path)
         overrides = _folder_configs(config_dir) if config_dir is not None else {}
-        parts, text_kind = _single_file_parts(path, src, overrides, problems)
+        parts, family = _single_file_parts(path, src, overrides, problems)
         hashed = {"checkpoint": path} | (_config_files(config_dir) if config_dir else {})
-        family = "sd2" if text_kind == "open_clip" else "sd1"
+        # the official folders' model_index.json: the base zeroes empty negatives, the
+        # refiner does not
+        options = {"force_zeros_for_empty_prompt": family == "sdxl"} if family.startswith("sdxl") else {}
         scheduler = overrides.get("scheduler") or dict(ldm.OFFICIAL_SCHEDULERS[family])
         tokenizer_dir = config_dir
     digest = _BackgroundHash(hashed)
@@ -528,15 +567,20 @@ def load_components(
     except BaseException:
         digest.cancel()
         raise
+    has_2 = "text_encoder_2" in models
     return Components(
-        tokenizer=_tokenizer(tokenizer_dir),
-        text_encoder=models["text_encoder"],
+        tokenizer=_tokenizer(tokenizer_dir) if "text_encoder" in models else None,
+        text_encoder=models.get("text_encoder"),
         unet=models["unet"],
         vae=models["vae"],
         scheduler_config=scheduler,
         name=path.name,
         content_hash=digest.result(),
         configs=parsed,
+        family=family,
+        tokenizer_2=_tokenizer(tokenizer_dir, "tokenizer_2") if has_2 else None,
+        text_encoder_2=models.get("text_encoder_2"),
+        pipeline_options=options,
     )
 
 

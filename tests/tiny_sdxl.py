@@ -120,8 +120,8 @@ def make_sdxl(kind: str = "sdxl", seed: int = 0, force_upcast: bool = True) -> S
     ))
     _spread(*(m for m in (unet, vae, text_1, text_2) if m is not None))
     vocab, merges = str(CLIP_DIR / "vocab.json"), str(CLIP_DIR / "merges.txt")
-    tokenizer = None if refiner else CLIPTokenizer(vocab, merges, pad_token="<|endoftext|>")
-    tokenizer_2 = CLIPTokenizer(vocab, merges, pad_token="!")
+    tokenizer = None if refiner else CLIPTokenizer(vocab, merges, pad_token="<|endoftext|>", model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(vocab, merges, pad_token="!", model_max_length=77)
     return SDXLReference(kind, unet, vae, text_1, text_2, tokenizer, tokenizer_2, dict(SDXL_SCHEDULER))
 
 
