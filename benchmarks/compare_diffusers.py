@@ -3,6 +3,14 @@
     python benchmarks/compare_diffusers.py                      # tiny random model, CPU
     python benchmarks/compare_diffusers.py --device cuda        # SD 1.5 shapes, 512x512 grid
     python benchmarks/compare_diffusers.py --device cuda --configs float16:8:30,bfloat16:8:30
+    python benchmarks/compare_diffusers.py --family sdxl        # tiny SDXL, CPU
+    python benchmarks/compare_diffusers.py --family sdxl --device cuda   # SDXL base shapes, 1024x1024
+
+SDXL (`--family sdxl`): the reference is a StableDiffusionXLPipeline over random weights of
+the SDXL base 1.0 shapes on CUDA (the tiny test SDXL on the CPU); ours is loaded the way
+users load it, from that model saved as a diffusers folder (float32 safetensors), and the
+load's peak host RSS is printed beside the size of the weights in the target dtype (the
+loader builds on the meta device and casts tensor by tensor while reading).
 
 Both pipelines get the same weights (random: the tiny test model on the CPU, the SD 1.5
 UNet/VAE/text-encoder shapes on CUDA, built in code, nothing downloaded), sampler, steps,
@@ -42,6 +50,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,6 +104,68 @@ def sd15_reference(device: str) -> Reference:
     return Reference(unet.eval(), vae.eval(), text.eval(), tokenizer, dict(SD1_SCHEDULER))
 
 
+def sdxl_reference(device: str):
+    """The SDXL base 1.0 architecture (UNet, VAE, CLIP ViT-L and OpenCLIP bigG with its
+    projection), random float32 weights made directly on `device`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from tiny_sdxl import SDXL_SCHEDULER, SDXLReference
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+            use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+            sample_size=1024, scaling_factor=0.13025)
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            num_attention_heads=20, hidden_act="gelu", projection_dim=1280, bos_token_id=0, eos_token_id=2))
+    vocab, merges = str(CLIP_DIR / "vocab.json"), str(CLIP_DIR / "merges.txt")
+    return SDXLReference(
+        "sdxl", unet.eval(), vae.eval(), text.eval(), text_2.eval(),
+        CLIPTokenizer(vocab, merges, model_max_length=77),
+        CLIPTokenizer(vocab, merges, pad_token="!", model_max_length=77), dict(SDXL_SCHEDULER))
+
+
+def sdxl_ours(ref, device: str, dtype: str, out) -> Any:
+    """Our pipeline loaded from the reference saved as a diffusers folder; prints the load's
+    peak host RSS against the weights' size in `dtype`."""
+    import tempfile
+
+    from tiny_sdxl import save_sdxl_folder
+
+    from ldm_jobs import load_pipeline
+
+    folder = Path(tempfile.mkdtemp(prefix="sdxl-bench-")) / "sdxl"
+    save_sdxl_folder(ref, folder)
+    memory = PeakMemory("cpu")  # host memory, wherever the weights end up
+    memory.start()
+    start = time.perf_counter()
+    pipe = load_pipeline(str(folder), device=device, dtype=dtype)
+    seconds = time.perf_counter() - start
+    peak = memory.stop()
+    modules = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if m is not None]
+    size = sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2**20
+    print(f"load ({dtype}): {seconds:.1f} s, peak host RSS +{peak:.0f} MiB; the weights in "
+          f"{dtype} on the {device}: {size:.0f} MiB ({peak / size:.2f} copies)\n", file=out, flush=True)
+    return pipe
+
+
 def ours_on(ref: Reference, device: str, dtype: str, hashed: bool):
     """Our pipeline with the reference's weights, key for key (hashing 1B parameters is
     skipped for the big model: the hash only names the model)."""
@@ -127,6 +198,12 @@ def theirs_on(ref: Reference, device: str, dtype: str, sampler: str):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     torch_dtype = getattr(torch, dtype)
+    if not isinstance(ref, Reference):  # SDXL: its own pipeline decodes in float32 (force_upcast)
+        from tiny_sdxl import diffusers_sdxl_pipeline
+
+        pipe = diffusers_sdxl_pipeline(copy.deepcopy(ref), sampler).to(device, torch_dtype)
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        return pipe
     parts = Reference(copy.deepcopy(ref.unet), copy.deepcopy(ref.vae),
                       copy.deepcopy(ref.text_encoder), ref.tokenizer, ref.scheduler_config)
     pipe = diffusers_pipeline(parts, sampler).to(device, torch_dtype)
@@ -234,15 +311,20 @@ def unet_flops(ours, batch: int, size: int, device: str) -> float:
     unet, f = ours.unet, ours.vae_factor
     dtype = next(unet.parameters()).dtype
     latents = torch.randn(1, ours.latent_channels, size // f, size // f, device=device, dtype=dtype)
-    width = ours.text_encoder.config.hidden_size
+    width = unet.config.cross_attention_dim
     context = torch.randn(1, 77, width, device=device, dtype=dtype)
+    added = {}
+    if unet.add_embedding is not None:  # SDXL: pooled text and six time ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"pooled": torch.randn(1, pooled, device=device, dtype=dtype),
+                 "time_ids": torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=dtype)}
     backend = contextlib.nullcontext()
     if device.startswith("cuda"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         backend = sdpa_kernel(SDPBackend.MATH)
     with torch.inference_mode(), backend, FlopCounterMode(display=False) as counter:
-        unet(latents, torch.tensor(500.0, device=device), context)
+        unet(latents, torch.tensor(500.0, device=device), context, **added)
     return float(counter.get_total_flops()) * batch
 
 
@@ -384,6 +466,8 @@ def parse_configs(text: str) -> list[tuple[str, int, int, list[str]]]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--family", choices=["sd1", "sdxl"], default="sd1",
+                        help="sdxl: StableDiffusionXLPipeline on the SDXL base shapes (tiny on the CPU)")
     parser.add_argument("--shape", choices=["tiny", "sd15"], default=None,
                         help="default: tiny on cpu, sd15 on cuda")
     parser.add_argument("--configs", default=None,
@@ -402,7 +486,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     shape = args.shape or ("sd15" if cuda else "tiny")
-    args.size = args.size or (64 if shape == "tiny" else 512)
+    sdxl = args.family == "sdxl"
+    args.size = args.size or (64 if shape == "tiny" else 1024 if sdxl else 512)
     configs = parse_configs(args.configs or (",".join(GPU_GRID) if cuda else "float32:4:20"))
 
     import diffusers
@@ -423,7 +508,7 @@ def main(argv=None) -> None:
     out = Tee(*files)
     machine = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} torch thread(s)"
     print(f"\nmachine: {machine}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
-          f"shape={shape} size={args.size} sampler={args.sampler} guidance={args.guidance} "
+          f"family={args.family} shape={shape} size={args.size} sampler={args.sampler} guidance={args.guidance} "
           f"repeats={args.repeats} (medians, interleaved)\n", file=out)
     header = ["dtype", "batch", "steps", "pipeline", "images/s", "s/step (UNet loop)", "total s",
               "peak MiB"]
@@ -433,9 +518,17 @@ def main(argv=None) -> None:
     print("| " + " | ".join(header) + " |", file=out)
     print("|" + "---|" * len(header), file=out, flush=True)
 
-    ref = make_reference("sd1") if shape == "tiny" else sd15_reference(args.device)
+    if sdxl:
+        from tiny_sdxl import make_sdxl
+
+        ref = make_sdxl("sdxl") if shape == "tiny" else sdxl_reference(args.device)
+    else:
+        ref = make_reference("sd1") if shape == "tiny" else sd15_reference(args.device)
     for dtype in dict.fromkeys(c[0] for c in configs):
-        ours = ours_on(ref, args.device, dtype, hashed=shape == "tiny")
+        if sdxl:
+            ours = sdxl_ours(ref, args.device, dtype, out)
+        else:
+            ours = ours_on(ref, args.device, dtype, hashed=shape == "tiny")
         theirs = theirs_on(ref, args.device, dtype, args.sampler)
         flops = unet_flops(ours, 1, args.size, args.device) if cuda else None
         if flops is not None:

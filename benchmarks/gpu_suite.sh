@@ -24,7 +24,11 @@
 # takes a minute or two more; raise SUITE_TIMEOUT with it). JOBS=1 adds a second stage:
 # job_overhead.py on a random SD 1.5-shaped folder (64 rows, float16, batch 8, 30 steps,
 # one GPU actor; JOBS_TIMEOUT, default 240 s) into OUT_DIR/job_overhead.log; it needs Ray,
-# pyarrow and the project's other dependencies on the machine.
+# pyarrow and the project's other dependencies on the machine. SDXL=1 (the default; SDXL=0
+# skips it) adds the SDXL stage: compare_diffusers.py --family sdxl on the SDXL base 1.0
+# shapes (random weights saved as a diffusers folder and loaded as users load it; the log
+# starts with the load's peak host RSS), float16 batch 1 and 4, 30 steps, 1024x1024
+# (SDXL_TIMEOUT, default 300 s) into OUT_DIR/compare_diffusers_sdxl.md / .log.
 set -uo pipefail
 
 OUT_DIR=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
@@ -48,6 +52,15 @@ timeout "${SUITE_TIMEOUT:-225}" "$PY" benchmarks/compare_diffusers.py --device c
 status=${PIPESTATUS[0]}
 if [ "$status" = 124 ]; then
   echo "gpu_suite: stopped at the time limit; the rows above were measured" | tee -a "$OUT_DIR/compare_diffusers.log"
+fi
+if [ "${SDXL:-1}" = 1 ]; then
+  # SDXL base shapes at 1024x1024, float16, batch 1 and 4, 30 steps; the load's peak host
+  # RSS against the weights' size comes first in the log
+  timeout "${SDXL_TIMEOUT:-300}" "$PY" benchmarks/compare_diffusers.py --device cuda --family sdxl \
+    --configs "float16:1:30,float16:4:30" --repeats 3 --warmup 1 --peak-tflops "${PEAK_TFLOPS:-989}" \
+    --out "$OUT_DIR/compare_diffusers_sdxl.md" 2>&1 | tee "$OUT_DIR/compare_diffusers_sdxl.log"
+  sdxl_status=${PIPESTATUS[0]}
+  [ "$status" = 0 ] && status=$sdxl_status
 fi
 if [ "${JOBS:-0}" = 1 ]; then
   timeout "${JOBS_TIMEOUT:-240}" "$PY" benchmarks/job_overhead.py --model sd15-random \
