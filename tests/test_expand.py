@@ -54,8 +54,9 @@ def run_in_process(spec, pipeline):
     worker.close()
     finalize(spec, plan, 0.0)
     parts = sorted(str(p) for p in Path(spec.output.path).glob("part-*.parquet"))
-    table = pads.dataset(parts, format="parquet").to_table(columns=[
-        "id", "prompt", "template", "seed", "guidance_scale", "sampler", "note"])
+    dataset = pads.dataset(parts, format="parquet")
+    wanted = ["id", "prompt", "template", "seed", "guidance_scale", "sampler", "note"]
+    table = dataset.to_table(columns=[c for c in wanted if c in dataset.schema.names])
     errors_file = Path(spec.output.path) / "errors.parquet"
     errors = pq.read_table(errors_file) if errors_file.exists() else None
     return plan, table, errors
@@ -151,6 +152,7 @@ def test_plan_stays_lazy(tmp_path):
 
 
 # ---- a real kill of the driver, then the same command again --------------------------------
+@pytest.mark.slow  # two local jobs and a third, killed one: a minute on an idle machine
 @pytest.mark.usefixtures("ray_cluster")
 def test_resume_after_the_driver_is_killed(inputs):
     import ray
@@ -194,5 +196,26 @@ def test_resume_after_the_driver_is_killed(inputs):
     assert names == sorted(p.name for p in output.glob("part-*.parquet")) and len(names) == 5
     for name in names:  # exactly once, the same bytes
         assert (output / name).read_bytes() == (inputs / "clean" / name).read_bytes()
-    ids = pads.dataset(str(output), format="parquet").to_table(columns=["id"]).column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 3 * 4
+    parts = sorted(str(p) for p in output.glob("part-*.parquet"))
+    ids = pads.dataset(parts, format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == sorted(f"{i}~{k}" for i in "abc" for k in range(4))
+    rejected = pq.read_table(output / "errors.parquet").column("id").to_pylist()
+    assert sorted(rejected) == sorted(f"{i}~{k}" for i in ("bad", "nowild") for k in range(4))
+
+
+def test_prompt_syntax_reaches_generate(inputs):
+    from conftest import FakePipeline
+
+    class Recording(FakePipeline):
+        def generate(self, prompts, *args, prompt_syntax="plain", **kwargs):
+            self.syntaxes = [*getattr(self, "syntaxes", []), prompt_syntax]
+            return super().generate(prompts, *args, **kwargs)
+
+    for syntax in ("plain", "a1111"):
+        pipeline = Recording()
+        spec = make_spec(inputs / "in.parquet", inputs / f"syntax-{syntax}",
+                         sampling={"prompt_syntax": syntax})
+        run_in_process(spec, pipeline)
+        assert set(pipeline.syntaxes) == {syntax}
+    with pytest.raises(SpecError, match="prompt_syntax"):
+        make_spec(inputs / "in.parquet", inputs / "x", sampling={"prompt_syntax": "compel"})
