@@ -54,3 +54,29 @@ def test_grid_errors_exit_2(inputs, fake_pipeline, capsys):  # noqa: F811
                  ["--grid", "x=steps,y=sampler", "--out", "g.png", "--where", "template=none"]):
         assert main(["show", out, *args]) == 2, args
         assert "error" in capsys.readouterr().err.lower()
+
+
+def test_grid_from_and_to_s3(inputs, s3_server, fake_pipeline):  # noqa: F811
+    import boto3
+
+    from ldm_jobs.jobs.plan import make_plan
+    from ldm_jobs.jobs.sinks import finalize
+    from ldm_jobs.jobs.worker import ShardWorker
+
+    bucket = s3_server.make_bucket()
+    spec = parse_spec({"input": {"path": str(inputs / "in.parquet")},
+                       "output": {"path": f"s3://{bucket}/run", "rows_per_shard": 7},
+                       "sampling": {"width": 16, "height": 16, "steps": 2},
+                       "expand": {"sweep": {"steps": [1, 2], "guidance_scale": [2, 4]}}})
+    plan = make_plan(spec)
+    worker = ShardWorker(spec, pipeline=fake_pipeline)
+    for shard in plan.pending():
+        worker.run(shard)
+    worker.close()
+    finalize(spec, plan, 0.0)
+    assert main(["show", f"s3://{bucket}/run", "--grid", "x=steps,y=guidance_scale",
+                 "--out", f"s3://{bucket}/grid.png", "--where", "template=plain text"]) == 0
+    body = boto3.client("s3", endpoint_url=s3_server.endpoint_url).get_object(
+        Bucket=bucket, Key="grid.png")["Body"].read()
+    grid = Image.open(io.BytesIO(body))
+    assert grid.height == 2 * LABEL + 4 + 2 * MIN_CELL and grid.width > 2 * MIN_CELL
