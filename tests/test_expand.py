@@ -46,13 +46,19 @@ def spec_for(root, out="out", mode="random", **prompts):
                              "sweep": {"guidance_scale": [3, 5], "sampler": ["euler", "ddim"]}})
 
 
-def run_in_process(spec, pipeline):
+def run_shards(spec, pipeline):
+    """Plan, run every pending shard here (no Ray) and finalize."""
     plan = make_plan(spec)
     worker = ShardWorker(spec, pipeline=pipeline)
     for shard in plan.pending():
         worker.run(shard)
     worker.close()
     finalize(spec, plan, 0.0)
+    return plan
+
+
+def run_in_process(spec, pipeline):
+    plan = run_shards(spec, pipeline)
     parts = sorted(str(p) for p in Path(spec.output.path).glob("part-*.parquet"))
     dataset = pads.dataset(parts, format="parquet")
     wanted = ["id", "prompt", "template", "seed", "guidance_scale", "sampler", "note"]

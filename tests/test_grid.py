@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pyarrow.dataset as pads
 from PIL import Image
-from test_expand import inputs, run_in_process  # noqa: F401 (a fixture)
+from test_expand import inputs, run_in_process, run_shards  # noqa: F401 (a fixture)
 
 from ldm_jobs.jobs.cli import main
 from ldm_jobs.jobs.grid import LABEL, MIN_CELL
@@ -59,21 +59,12 @@ def test_grid_errors_exit_2(inputs, fake_pipeline, capsys):  # noqa: F811
 def test_grid_from_and_to_s3(inputs, s3_server, fake_pipeline):  # noqa: F811
     import boto3
 
-    from ldm_jobs.jobs.plan import make_plan
-    from ldm_jobs.jobs.sinks import finalize
-    from ldm_jobs.jobs.worker import ShardWorker
-
     bucket = s3_server.make_bucket()
     spec = parse_spec({"input": {"path": str(inputs / "in.parquet")},
                        "output": {"path": f"s3://{bucket}/run", "rows_per_shard": 7},
                        "sampling": {"width": 16, "height": 16, "steps": 2},
                        "expand": {"sweep": {"steps": [1, 2], "guidance_scale": [2, 4]}}})
-    plan = make_plan(spec)
-    worker = ShardWorker(spec, pipeline=fake_pipeline)
-    for shard in plan.pending():
-        worker.run(shard)
-    worker.close()
-    finalize(spec, plan, 0.0)
+    run_shards(spec, fake_pipeline)
     assert main(["show", f"s3://{bucket}/run", "--grid", "x=steps,y=guidance_scale",
                  "--out", f"s3://{bucket}/grid.png", "--where", "template=plain text"]) == 0
     body = boto3.client("s3", endpoint_url=s3_server.endpoint_url).get_object(
