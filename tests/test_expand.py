@@ -225,3 +225,28 @@ def test_prompt_syntax_reaches_generate(inputs):
         assert set(pipeline.syntaxes) == {syntax}
     with pytest.raises(SpecError, match="prompt_syntax"):
         make_spec(inputs / "in.parquet", inputs / "x", sampling={"prompt_syntax": "compel"})
+
+
+def test_a_sweep_over_loras(inputs):
+    from ldm_jobs.jobs.expand import expand_table
+    from ldm_jobs.jobs.readers import read_slice
+    from ldm_jobs.jobs.rows import check_rows
+    from ldm_jobs.jobs.storage import open_storage
+
+    spec = make_spec(inputs / "in.parquet", inputs / "o", output={"rows_per_shard": 3},
+                     sampling={"loras": {"base.safetensors": 1.0}},
+                     expand={"sweep": {"loras": [{}, {"s3://b/x.safetensors": 0.5}, "y.safetensors:0.25"]}})
+    plan = make_plan(spec)
+    shard = plan.shards[1]  # input row b: b~0 .. b~2
+    piece = shard.slices[0]
+    table = read_slice(open_storage(piece.path), piece.path, piece.first, piece.count, "prompt")
+    rows = [piece.offset + i for i in range(piece.count)]
+    expanded, indices, _, reasons = expand_table(Expander(spec), shard, table, rows,
+                                                 [piece.path] * len(rows), {})
+    assert not reasons and indices == [3, 4, 5]
+    tasks, rejected = check_rows(expanded, spec, indices, shard.id_column, {}, None)
+    assert not rejected
+    assert [(t.id, t.loras) for t in tasks] == [
+        ("b~0", ()), ("b~1", (("s3://b/x.safetensors", 0.5),)), ("b~2", (("y.safetensors", 0.25),))]
+    with pytest.raises(SpecError, match=r"expand.sweep.loras\[0\]"):
+        Expander(make_spec(inputs / "in.parquet", inputs / "o", expand={"sweep": {"loras": [7]}}))
