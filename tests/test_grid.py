@@ -71,3 +71,13 @@ def test_grid_from_and_to_s3(inputs, s3_server, fake_pipeline):  # noqa: F811
         Bucket=bucket, Key="grid.png")["Body"].read()
     grid = Image.open(io.BytesIO(body))
     assert grid.height == 2 * LABEL + 4 + 2 * MIN_CELL and grid.width > 2 * MIN_CELL
+
+
+def test_large_images_are_shrunk_to_the_largest_cell():
+    from ldm_jobs.jobs.grid import MAX_CELL, draw_grid
+
+    cells = {(x, y): Image.new("RGB", (1024, 768), (40 * x, 40 * y, 0)) for x in range(3) for y in range(2)}
+    grid = draw_grid(cells, [0, 1, 2], [0, 1], "steps", "seed")
+    assert grid.height == 2 * LABEL + 4 + 2 * (MAX_CELL * 3 // 4)
+    pixel = grid.getpixel((grid.width - 10, grid.height - 10))
+    assert pixel == (80, 40, 0)  # the last cell holds image (2, 1)
