@@ -43,6 +43,9 @@ TEMPLATE_COLUMN = "template"
 SWEEP_CHECKS = {**OVERRIDE_CHECKS, "loras": parse_loras}
 _LORAS_TYPE = pa.list_(pa.struct([("path", pa.string()), ("weight", pa.float64())]))
 _WILDCARD = re.compile(r"__([\w./-]+?)__")
+# combinatorial mode without `max`: a row with more combinations than this is rejected
+# (naming the setting) rather than enumerated for ever or cut silently
+MAX_COMBINATIONS = 100_000
 
 
 # ------------------------------------------------------------------------- the spec side
@@ -137,9 +140,12 @@ class Expander:
                 prompts = generator.generate(template, num_images=options.variants)
             else:
                 generator = CombinatorialPromptGenerator(wildcard_manager=self._manager())
-                prompts = generator.generate(template, max_prompts=options.max)
+                prompts = generator.generate(template, max_prompts=options.max or MAX_COMBINATIONS + 1)
         except Exception as error:  # pyparsing and friends: the row is rejected with it
             raise ValueError(f"template: {type(error).__name__}: {error}") from None
+        if len(prompts) > MAX_COMBINATIONS:
+            raise ValueError(f"template: more than {MAX_COMBINATIONS} combinations; "
+                             "set expand.prompts.max")
         for name in _WILDCARD.findall(template):
             if any(f"__{name}__" in p for p in prompts):
                 raise ValueError(f"template: no wildcard file for __{name}__ "

@@ -250,3 +250,13 @@ def test_a_sweep_over_loras(inputs):
         ("b~0", ()), ("b~1", (("s3://b/x.safetensors", 0.5),)), ("b~2", (("y.safetensors", 0.25),))]
     with pytest.raises(SpecError, match=r"expand.sweep.loras\[0\]"):
         Expander(make_spec(inputs / "in.parquet", inputs / "o", expand={"sweep": {"loras": [7]}}))
+
+
+def test_combinatorial_without_max_rejects_a_huge_template(inputs, monkeypatch):
+    from ldm_jobs.jobs import expand
+
+    monkeypatch.setattr(expand, "MAX_COMBINATIONS", 5)
+    expander = Expander(spec_for(inputs, mode="combinatorial"))
+    assert len(expander.variants("{a|b} {c|d}", "x")) == 4
+    with pytest.raises(ValueError, match="more than 5 combinations; set expand.prompts.max"):
+        expander.variants("{a|b|c} {d|e}", "x")
