@@ -34,12 +34,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .rows import OVERRIDE_CHECKS, derive_seed, row_id
+from .rows import OVERRIDE_CHECKS, derive_seed, parse_loras, row_id
 from .spec import JobSpec, SpecError
 from .storage import open_storage
 
 TEMPLATE_COLUMN = "template"
+# What a sweep may vary: the per-row sampling fields, and the LoRA set ({} for none)
+SWEEP_CHECKS = {**OVERRIDE_CHECKS, "loras": parse_loras}
+_LORAS_TYPE = pa.list_(pa.struct([("path", pa.string()), ("weight", pa.float64())]))
 _WILDCARD = re.compile(r"__([\w./-]+?)__")
+# combinatorial mode without `max`: a row with more combinations than this is rejected
+# (naming the setting) rather than enumerated for ever or cut silently
+MAX_COMBINATIONS = 100_000
 
 
 # ------------------------------------------------------------------------- the spec side
@@ -47,14 +53,14 @@ def sweep_points(spec: JobSpec) -> list[dict[str, Any]]:
     """Every point of the sweep grid (one empty point without a sweep), values checked."""
     sweep = spec.expand.sweep if spec.expand else {}
     for name, values in sweep.items():
-        if name not in OVERRIDE_CHECKS:
+        if name not in SWEEP_CHECKS:
             raise SpecError(f"expand.sweep.{name}: not a per-row sampling field "
-                            f"(one of {', '.join(OVERRIDE_CHECKS)})")
+                            f"(one of {', '.join(SWEEP_CHECKS)})")
         if not isinstance(values, list) or not values:
             raise SpecError(f"expand.sweep.{name}: must be a non-empty list of values")
         for i, value in enumerate(values):
             try:
-                OVERRIDE_CHECKS[name](value)
+                SWEEP_CHECKS[name](value)
             except (ValueError, TypeError, ArithmeticError) as error:
                 raise SpecError(f"expand.sweep.{name}[{i}]: {error}") from None
     names = list(sweep)
@@ -134,9 +140,12 @@ class Expander:
                 prompts = generator.generate(template, num_images=options.variants)
             else:
                 generator = CombinatorialPromptGenerator(wildcard_manager=self._manager())
-                prompts = generator.generate(template, max_prompts=options.max)
+                prompts = generator.generate(template, max_prompts=options.max or MAX_COMBINATIONS + 1)
         except Exception as error:  # pyparsing and friends: the row is rejected with it
             raise ValueError(f"template: {type(error).__name__}: {error}") from None
+        if len(prompts) > MAX_COMBINATIONS:
+            raise ValueError(f"template: more than {MAX_COMBINATIONS} combinations; "
+                             "set expand.prompts.max")
         for name in _WILDCARD.findall(template):
             if any(f"__{name}__" in p for p in prompts):
                 raise ValueError(f"template: no wildcard file for __{name}__ "
@@ -218,7 +227,11 @@ def expand_table(
     expanded = table.take(pa.array(take, pa.int64()))
     replace = {prompt_column: pa.array(prompts, pa.string()), id_column: pa.array(ids, pa.string()),
                TEMPLATE_COLUMN: pa.array(templates, pa.string()), "seed": _seed_array(seeds)}
-    replace.update({name: pa.array(values) for name, values in swept.items() if name != "seed"})
+    replace.update({name: pa.array(values) for name, values in swept.items()
+                    if name not in ("seed", "loras")})
+    if "loras" in swept:  # as a list of {path, weight}, one of the column's own forms
+        replace["loras"] = pa.array([[{"path": p, "weight": w} for p, w in parse_loras(v).items()]
+                                     for v in swept["loras"]], _LORAS_TYPE)
     for name, values in replace.items():
         if name in expanded.column_names:
             expanded = expanded.set_column(expanded.column_names.index(name), name, values)

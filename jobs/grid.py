@@ -4,8 +4,9 @@ One image per cell: the images whose FIELD values are the column's and the row's
 the axis values written along the top and the left, in the sweep's order. ``--where field=value`` (repeatable)
 picks the rows first, e.g. one template of a sweep. Where several images share a cell
 (another field varies too) the first by id is drawn and the summary says how many cells
-were shared, so nothing is hidden silently. Cells are at least 128 pixels, so a grid of
-tiny test images stays readable; local or ``s3://`` outputs, local or ``s3://`` PNGs.
+were shared, so nothing is hidden silently. Cells are 128 to 512 pixels, so a grid of
+tiny test images stays readable and one of large images stays a sane size; local or
+``s3://`` outputs, local or ``s3://`` PNGs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .spec import StorageSpec
 from .storage import open_storage
 
 MIN_CELL = 128
+MAX_CELL = 512  # a 10 x 10 sweep of 1024-pixel images stays a 5k-pixel PNG
 LABEL = 14  # pixels per line of label text
 
 
@@ -52,8 +54,9 @@ def draw_grid(cells: dict[tuple[Any, Any], Image.Image], xs: list, ys: list,
               x_name: str, y_name: str) -> Image.Image:
     """The labelled grid: x values across the top, y values down the left."""
     first = next(iter(cells.values()))
-    scale = max(1, -(-MIN_CELL // max(first.size)))
-    cw, ch = first.width * scale, first.height * scale
+    side = max(first.size)
+    scale = max(1, -(-MIN_CELL // side)) if side < MIN_CELL else min(1.0, MAX_CELL / side)
+    cw, ch = round(first.width * scale), round(first.height * scale)
     left = max(len(f"{y_name}={y}") for y in ys) * 6 + 8
     top = 2 * LABEL + 4
     sheet = Image.new("RGB", (left + cw * len(xs), top + ch * len(ys)), "white")
@@ -67,7 +70,9 @@ def draw_grid(cells: dict[tuple[Any, Any], Image.Image], xs: list, ys: list,
         for i, x in enumerate(xs):
             image = cells.get((x, y))
             if image is not None:
-                image = image.convert("RGB").resize((cw, ch), Image.NEAREST)
+                # whole-pixel enlargement stays crisp; shrinking is filtered
+                image = image.convert("RGB").resize(
+                    (cw, ch), Image.NEAREST if scale >= 1 else Image.LANCZOS)
                 sheet.paste(image, (left + i * cw, top + j * ch))
     return sheet
 

@@ -22,22 +22,30 @@ def job_loras(plan: Plan) -> tuple[Counter, list[str]]:
     spec = plan.spec
     uses: Counter = Counter()
     problems: list[str] = []
+    swept = (spec.expand.sweep.get("loras") or []) if spec.expand else []
+    if swept:  # every row goes through every point of a LoRA sweep
+        from .rows import parse_loras
+
+        uses.update(source for point in swept for source in parse_loras(point))
     needs_rows = "loras" in (plan.schema.names if plan.schema is not None else []) or \
         spec.sampling.prompt_syntax == "a1111"
     if not needs_rows:
-        return Counter({source: plan.input_rows for source in spec.sampling.loras}), problems
+        if not swept:
+            uses.update({source: plan.input_rows for source in spec.sampling.loras})
+        return uses, problems
     storage = open_storage(spec.input.path, spec.storage)
     column = spec.input.prompt_column
-    for shard in plan.shards:
-        for piece in shard.slices:
-            table = read_slice(storage, piece.path, piece.first, piece.count, column)
-            for i, record in enumerate(table.to_pylist()):
-                try:
-                    loras, _ = row_loras(record, str(record.get(column) or ""), spec)
-                except ValueError as error:
-                    problems.append(f"input row {piece.offset + i}: {error}")
-                    continue
-                uses.update(source for source, _ in loras)
+    offset = 0
+    for info in plan.files:  # each input row once (expanded shards share their rows)
+        table = read_slice(storage, info.path, 0, info.rows, column)
+        for i, record in enumerate(table.to_pylist()):
+            try:
+                loras, _ = row_loras(record, str(record.get(column) or ""), spec)
+            except ValueError as error:
+                problems.append(f"input row {offset + i}: {error}")
+                continue
+            uses.update(source for source, _ in loras)
+        offset += info.rows
     return uses, problems
 
 

@@ -61,6 +61,9 @@ def emphasize(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         z = hidden[emphasized].float()
         weighted = z * weights[emphasized].to(z.device)[..., None]
         scale = z.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True)
+        # a weighted mean of exactly zero (weights that cancel out) has no mean to restore:
+        # such a chunk keeps its weighted states rather than turning into NaN
+        scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
         out[emphasized] = (weighted * scale).to(hidden.dtype)
     return out
 

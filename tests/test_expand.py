@@ -46,16 +46,23 @@ def spec_for(root, out="out", mode="random", **prompts):
                              "sweep": {"guidance_scale": [3, 5], "sampler": ["euler", "ddim"]}})
 
 
-def run_in_process(spec, pipeline):
+def run_shards(spec, pipeline):
+    """Plan, run every pending shard here (no Ray) and finalize."""
     plan = make_plan(spec)
     worker = ShardWorker(spec, pipeline=pipeline)
     for shard in plan.pending():
         worker.run(shard)
     worker.close()
     finalize(spec, plan, 0.0)
+    return plan
+
+
+def run_in_process(spec, pipeline):
+    plan = run_shards(spec, pipeline)
     parts = sorted(str(p) for p in Path(spec.output.path).glob("part-*.parquet"))
-    table = pads.dataset(parts, format="parquet").to_table(columns=[
-        "id", "prompt", "template", "seed", "guidance_scale", "sampler", "note"])
+    dataset = pads.dataset(parts, format="parquet")
+    wanted = ["id", "prompt", "template", "seed", "guidance_scale", "sampler", "note"]
+    table = dataset.to_table(columns=[c for c in wanted if c in dataset.schema.names])
     errors_file = Path(spec.output.path) / "errors.parquet"
     errors = pq.read_table(errors_file) if errors_file.exists() else None
     return plan, table, errors
@@ -151,6 +158,7 @@ def test_plan_stays_lazy(tmp_path):
 
 
 # ---- a real kill of the driver, then the same command again --------------------------------
+@pytest.mark.slow  # two local jobs and a third, killed one: a minute on an idle machine
 @pytest.mark.usefixtures("ray_cluster")
 def test_resume_after_the_driver_is_killed(inputs):
     import ray
@@ -194,5 +202,61 @@ def test_resume_after_the_driver_is_killed(inputs):
     assert names == sorted(p.name for p in output.glob("part-*.parquet")) and len(names) == 5
     for name in names:  # exactly once, the same bytes
         assert (output / name).read_bytes() == (inputs / "clean" / name).read_bytes()
-    ids = pads.dataset(str(output), format="parquet").to_table(columns=["id"]).column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 3 * 4
+    parts = sorted(str(p) for p in output.glob("part-*.parquet"))
+    ids = pads.dataset(parts, format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == sorted(f"{i}~{k}" for i in "abc" for k in range(4))
+    rejected = pq.read_table(output / "errors.parquet").column("id").to_pylist()
+    assert sorted(rejected) == sorted(f"{i}~{k}" for i in ("bad", "nowild") for k in range(4))
+
+
+def test_prompt_syntax_reaches_generate(inputs):
+    from conftest import FakePipeline
+
+    class Recording(FakePipeline):
+        def generate(self, prompts, *args, prompt_syntax="plain", **kwargs):
+            self.syntaxes = [*getattr(self, "syntaxes", []), prompt_syntax]
+            return super().generate(prompts, *args, **kwargs)
+
+    for syntax in ("plain", "a1111"):
+        pipeline = Recording()
+        spec = make_spec(inputs / "in.parquet", inputs / f"syntax-{syntax}",
+                         sampling={"prompt_syntax": syntax})
+        run_in_process(spec, pipeline)
+        assert set(pipeline.syntaxes) == {syntax}
+    with pytest.raises(SpecError, match="prompt_syntax"):
+        make_spec(inputs / "in.parquet", inputs / "x", sampling={"prompt_syntax": "compel"})
+
+
+def test_a_sweep_over_loras(inputs):
+    from ldm_jobs.jobs.expand import expand_table
+    from ldm_jobs.jobs.readers import read_slice
+    from ldm_jobs.jobs.rows import check_rows
+    from ldm_jobs.jobs.storage import open_storage
+
+    spec = make_spec(inputs / "in.parquet", inputs / "o", output={"rows_per_shard": 3},
+                     sampling={"loras": {"base.safetensors": 1.0}},
+                     expand={"sweep": {"loras": [{}, {"s3://b/x.safetensors": 0.5}, "y.safetensors:0.25"]}})
+    plan = make_plan(spec)
+    shard = plan.shards[1]  # input row b: b~0 .. b~2
+    piece = shard.slices[0]
+    table = read_slice(open_storage(piece.path), piece.path, piece.first, piece.count, "prompt")
+    rows = [piece.offset + i for i in range(piece.count)]
+    expanded, indices, _, reasons = expand_table(Expander(spec), shard, table, rows,
+                                                 [piece.path] * len(rows), {})
+    assert not reasons and indices == [3, 4, 5]
+    tasks, rejected = check_rows(expanded, spec, indices, shard.id_column, {}, None)
+    assert not rejected
+    assert [(t.id, t.loras) for t in tasks] == [
+        ("b~0", ()), ("b~1", (("s3://b/x.safetensors", 0.5),)), ("b~2", (("y.safetensors", 0.25),))]
+    with pytest.raises(SpecError, match=r"expand.sweep.loras\[0\]"):
+        Expander(make_spec(inputs / "in.parquet", inputs / "o", expand={"sweep": {"loras": [7]}}))
+
+
+def test_combinatorial_without_max_rejects_a_huge_template(inputs, monkeypatch):
+    from ldm_jobs.jobs import expand
+
+    monkeypatch.setattr(expand, "MAX_COMBINATIONS", 5)
+    expander = Expander(spec_for(inputs, mode="combinatorial"))
+    assert len(expander.variants("{a|b} {c|d}", "x")) == 4
+    with pytest.raises(ValueError, match="more than 5 combinations; set expand.prompts.max"):
+        expander.variants("{a|b|c} {d|e}", "x")

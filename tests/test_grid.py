@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pyarrow.dataset as pads
 from PIL import Image
-from test_expand import inputs, run_in_process  # noqa: F401 (a fixture)
+from test_expand import inputs, run_in_process, run_shards  # noqa: F401 (a fixture)
 
 from ldm_jobs.jobs.cli import main
 from ldm_jobs.jobs.grid import LABEL, MIN_CELL
@@ -54,3 +54,30 @@ def test_grid_errors_exit_2(inputs, fake_pipeline, capsys):  # noqa: F811
                  ["--grid", "x=steps,y=sampler", "--out", "g.png", "--where", "template=none"]):
         assert main(["show", out, *args]) == 2, args
         assert "error" in capsys.readouterr().err.lower()
+
+
+def test_grid_from_and_to_s3(inputs, s3_server, fake_pipeline):  # noqa: F811
+    import boto3
+
+    bucket = s3_server.make_bucket()
+    spec = parse_spec({"input": {"path": str(inputs / "in.parquet")},
+                       "output": {"path": f"s3://{bucket}/run", "rows_per_shard": 7},
+                       "sampling": {"width": 16, "height": 16, "steps": 2},
+                       "expand": {"sweep": {"steps": [1, 2], "guidance_scale": [2, 4]}}})
+    run_shards(spec, fake_pipeline)
+    assert main(["show", f"s3://{bucket}/run", "--grid", "x=steps,y=guidance_scale",
+                 "--out", f"s3://{bucket}/grid.png", "--where", "template=plain text"]) == 0
+    body = boto3.client("s3", endpoint_url=s3_server.endpoint_url).get_object(
+        Bucket=bucket, Key="grid.png")["Body"].read()
+    grid = Image.open(io.BytesIO(body))
+    assert grid.height == 2 * LABEL + 4 + 2 * MIN_CELL and grid.width > 2 * MIN_CELL
+
+
+def test_large_images_are_shrunk_to_the_largest_cell():
+    from ldm_jobs.jobs.grid import MAX_CELL, draw_grid
+
+    cells = {(x, y): Image.new("RGB", (1024, 768), (40 * x, 40 * y, 0)) for x in range(3) for y in range(2)}
+    grid = draw_grid(cells, [0, 1, 2], [0, 1], "steps", "seed")
+    assert grid.height == 2 * LABEL + 4 + 2 * (MAX_CELL * 3 // 4)
+    pixel = grid.getpixel((grid.width - 10, grid.height - 10))
+    assert pixel == (80, 40, 0)  # the last cell holds image (2, 1)

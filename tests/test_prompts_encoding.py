@@ -111,6 +111,13 @@ def test_emphasis_restores_the_chunk_mean():
         assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), atol=1e-4)
 
 
+def test_emphasis_with_a_zero_weighted_mean_stays_finite():
+    hidden = torch.ones(1, 4, 2)
+    weights = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    out = prompt_encoding.emphasize(hidden, weights)
+    assert torch.equal(out, hidden * weights[..., None])
+
+
 def test_pad_contexts_masks_the_padding():
     a, b = torch.ones(77, 4), torch.full((154, 4), 2.0)
     stacked, mask = prompt_encoding.pad_contexts([a, b])
