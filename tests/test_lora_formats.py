@@ -231,3 +231,35 @@ def test_cache_lru_by_bytes_hash_and_s3_fetched_once(sd1, tmp_path, s3_server):
     assert remote.get(uri).sha256 == first.sha256 and remote.fetches == 2  # S3 not again
     with pytest.raises(ValueError, match="not found"):
         remote.get(f"s3://{bucket}/loras/none.safetensors")
+
+
+@pytest.mark.parametrize("strategy", ["stacked", "gathered"])
+def test_per_row_terms_equal_each_row_fused_alone(sd1, tmp_path, monkeypatch, strategy):
+    """UNet outputs of a mixed [uncond; cond] batch with per-row terms (both ways of adding
+    them) equal each row's own call with its set added to the weights; one shared timestep
+    (the time projection's input is then one row for the whole batch) and per-row ones."""
+    from ldm_jobs.model import lora_rows
+
+    ref, ours = sd1
+    a = lf.save_safetensors(tmp_path / "a.safetensors", lf.kohya_state(
+        lf.random_peft(ref.unet, lf.UNET_ATTENTION + lf.UNET_LOCON, 4, 31)))
+    b = lf.save_safetensors(tmp_path / "b.safetensors", lf.kohya_state(
+        lf.random_peft(ref.unet, lf.UNET_LOCON, 8, 32)))
+    sets = lora_rows.resolve(ours, [{}, {str(a): 1.0}, {str(b): 0.5},
+                                    {str(a): 1.0, str(b): -0.5}], 4)
+    modules = lora.targets(ours)
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 77, 32, generator=g)
+    monkeypatch.setattr(lora_rows, "STRATEGY", strategy)
+    for t in (torch.tensor(500.0), torch.tensor([10.0, 200, 300, 400, 10, 200, 300, 400])):
+        with torch.no_grad():
+            with lora_rows.per_row(ours.unet, modules["unet"],
+                                   [lora_rows._module_terms(s, "unet") for s in sets]):
+                mixed = ours.unet(x, t, context)
+            for i, adapters in enumerate(sets):
+                rows = [i, i + 4]
+                with lora_rows.patched(modules, adapters, ("unet",)):
+                    alone = ours.unet(x[rows], t if t.ndim == 0 else t[rows], context[rows])
+                torch.testing.assert_close(mixed[rows], alone, rtol=1e-4, atol=1e-4)
+        plain = ours.unet(x, t, context)
+        assert (mixed[1] - plain[1]).abs().mean() > 1e-2  # the LoRA did something
