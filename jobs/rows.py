@@ -25,7 +25,6 @@ import importlib.util
 import json
 import math
 import numbers
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,26 +196,25 @@ OVERRIDE_CHECKS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-# The web UI's extra-network tag `<lora:NAME:WEIGHT>` (weight optional, 1; a further
-# `:...` part, the web UI's separate text-encoder weight, is refused below).
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
-
-
 def lora_tags(prompt: str, lora_dir: str | None) -> tuple[str, dict[str, float]]:
-    """The prompt without its `<lora:NAME:WEIGHT>` tags, and {lora_dir/NAME.safetensors:
-    WEIGHT} of the tags (a name given twice: the last weight)."""
-    found: dict[str, float] = {}
-    for match in LORA_TAG.finditer(prompt):
-        if lora_dir is None:
-            raise ValueError(f"prompt: {match.group(0)} names a LoRA but sampling.lora_dir "
-                             "is not set")
-        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
-        try:
-            found[f"{lora_dir.rstrip('/')}/{name}.safetensors"] = _lora_weight(float(weight))
-        except ValueError:
-            raise ValueError(f"prompt: {match.group(0)}: weight {weight!r} is not a finite "
-                             "number") from None
-    return LORA_TAG.sub("", prompt), found
+    """The prompt without its web-UI `<lora:NAME:WEIGHT>` tags (model/prompts.py reads
+    them), and {lora_dir/NAME.safetensors: WEIGHT} of the tags (a name given twice: the
+    last weight)."""
+    from ldm_jobs.model.prompts import split_lora_tags  # pure text, no torch
+
+    try:
+        text, tags = split_lora_tags(prompt)
+    except ValueError as error:
+        raise ValueError(f"prompt: {error}") from None
+    if tags and lora_dir is None:
+        raise ValueError(f"prompt: <lora:{tags[0].name}> names a LoRA but sampling.lora_dir "
+                         "is not set")
+    found = {}
+    for tag in tags:
+        if not math.isfinite(tag.weight):
+            raise ValueError(f"prompt: <lora:{tag.name}:{tag.weight}>: the weight is not finite")
+        found[f"{lora_dir.rstrip('/')}/{tag.name}.safetensors"] = tag.weight
+    return text, found
 
 
 def _lora_weight(value: Any) -> float:

@@ -120,16 +120,37 @@ def targets(pipeline) -> dict[str, dict[str, nn.Module]]:
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder",
                   "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 PEFT_PREFIXES = {f"{c}.": c for c in COMPONENTS}
-# Rewrites of a kohya module name (underscored, prefix removed) per component, tried in
-# order when the name is not one of the model's own: SDXL's original-layout UNet names
-# plug in here.
+_SGM = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$|^middle_block_(\d+)_(.+)$")
+_SGM_RESNET = {"in_layers_2": "in_layers.2", "out_layers_3": "out_layers.3",
+               "emb_layers_1": "emb_layers.1", "skip_connection": "skip_connection"}
+
+
+def sgm_unet_name(name: str, names: Iterable[str]) -> str:
+    """A kohya UNet name in the original (SGM / LDM) layout, `input_blocks_4_1_proj_in`,
+    as the underscored diffusers name, `down_blocks_1_attentions_0_proj_in` (SDXL's
+    kohya files use it; so do some SD 1.x ones). ``names``: the UNet's module paths."""
+    from .convert_ldm import rename_unet_key  # the checkpoint converter's block rules
+
+    m = _SGM.match(name)
+    if m is None:
+        return name
+    head, rest = (f"{m[1]}.{m[2]}.{m[3]}", m[4]) if m[1] else (f"middle_block.{m[5]}", m[6])
+    layers = 1 + max((int(n.split(".")[3]) for n in names
+                      if n.startswith("down_blocks.0.resnets.")), default=1)
+    renamed = rename_unet_key(f"{head}.{_SGM_RESNET.get(rest, rest)}.weight", layers)
+    return name if renamed is None else renamed.removesuffix(".weight").replace(".", "_")
+
+
+# Rewrites of a module name (kohya: underscored) per component, tried in order when the
+# name is not one of the model's own; each gets the name and the component's module paths.
 # Files written from a transformers 5 CLIP model lack its `text_model.` level.
-KOHYA_NAME_REWRITES: dict[str, list[Callable[[str], str]]] = {
-    "unet": [], "text_encoder": [lambda n: "text_model_" + n],
-    "text_encoder_2": [lambda n: "text_model_" + n]}
-PEFT_NAME_REWRITES: dict[str, list[Callable[[str], str]]] = {
-    "unet": [], "text_encoder": [lambda n: "text_model." + n],
-    "text_encoder_2": [lambda n: "text_model." + n]}
+Rewrite = Callable[[str, Iterable[str]], str]
+KOHYA_NAME_REWRITES: dict[str, list[Rewrite]] = {
+    "unet": [sgm_unet_name], "text_encoder": [lambda n, _: "text_model_" + n],
+    "text_encoder_2": [lambda n, _: "text_model_" + n]}
+PEFT_NAME_REWRITES: dict[str, list[Rewrite]] = {
+    "unet": [], "text_encoder": [lambda n, _: "text_model." + n],
+    "text_encoder_2": [lambda n, _: "text_model." + n]}
 
 # key suffix -> role; the longest matching suffix wins
 ROLES = {
@@ -174,7 +195,8 @@ class _Resolver:
                             f"SDXL); this model has {', '.join(sorted(self.modules))}")
                 name = module_key[len(prefix):]
                 index = self.underscored[component] if kohya else self.modules[component]
-                for candidate in (name, *(rewrite(name) for rewrite in rewrites[component])):
+                paths = self.modules[component]
+                for candidate in (name, *(rewrite(name, paths) for rewrite in rewrites[component])):
                     if candidate in index:
                         return component, index[candidate] if kohya else candidate
                 return f"the model's {component} has no module {name!r} (another family?)"

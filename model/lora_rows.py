@@ -141,6 +141,49 @@ class _RowTerms:
         return out + torch.bmm(h, up.transpose(1, 2)).reshape(out.shape)
 
 
+class _GatheredTerms:
+    """The PEFT-style alternative to ``_RowTerms``: per adapter, gather the rows using it,
+    run its two small layers on them, scatter-add the result. Kept to measure against
+    (benchmarks/lora.py); ``STRATEGY`` picks the one ``per_row`` installs."""
+
+    def __init__(self, module: nn.Module, rows: list[list[tuple[LowRank, float]]],
+                 batch: dict[str, int]):
+        self.batch, self.rows = batch, len(rows)
+        users: dict[int, tuple[LowRank, list[int], list[float]]] = {}
+        for i, row in enumerate(rows):
+            for delta, w in row:
+                entry = users.setdefault(id(delta), (delta, [], []))
+                entry[1].append(i)
+                entry[2].append(w * delta.scale)
+        device = module.weight.device
+        self.terms = [(d.down, d.up, torch.tensor(r, device=device),
+                       torch.tensor(s, device=device, dtype=module.weight.dtype))
+                      for d, r, s in users.values()]
+
+    def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        n = x.shape[0]
+        if n == 1 and self.batch["n"] > 1:
+            n = self.batch["n"]
+            x, out = x.expand(n, *x.shape[1:]), out.expand(n, *out.shape[1:])
+        copies = n // self.rows  # CFG: [uncond; cond]
+        for down, up, rows, scales in self.terms:
+            index = torch.cat([rows + k * self.rows for k in range(copies)])
+            picked = x.index_select(0, index)
+            if isinstance(module, nn.Conv2d):
+                h = F.conv2d(picked, down, None, module.stride, module.padding, module.dilation)
+                h = F.conv2d(h, up[:, :, None, None])
+            else:
+                h = F.linear(F.linear(picked, down), up)
+            out = out.index_add(0, index, h * scales.repeat(copies).view(-1, *(1,) * (h.ndim - 1)))
+        return out
+
+
+# how per_row adds the rows' terms: measured in benchmarks/lora.py (RESULTS.md)
+STRATEGIES = {"stacked": _RowTerms, "gathered": _GatheredTerms}
+STRATEGY = "stacked"
+
+
 @contextlib.contextmanager
 def per_row(model: nn.Module, modules: dict[str, nn.Module],
             rows: list[dict[str, list[tuple[Delta, float]]]]) -> Iterator[None]:
@@ -155,7 +198,7 @@ def per_row(model: nn.Module, modules: dict[str, nn.Module],
     handles = [model.register_forward_pre_hook(note_batch)] if names else []
     try:
         for name in names:
-            terms = _RowTerms(modules[name], [row.get(name, []) for row in rows], batch)
+            terms = STRATEGIES[STRATEGY](modules[name], [row.get(name, []) for row in rows], batch)
             handles.append(modules[name].register_forward_hook(terms))
         yield
     finally:

@@ -231,3 +231,85 @@ def test_cache_lru_by_bytes_hash_and_s3_fetched_once(sd1, tmp_path, s3_server):
     assert remote.get(uri).sha256 == first.sha256 and remote.fetches == 2  # S3 not again
     with pytest.raises(ValueError, match="not found"):
         remote.get(f"s3://{bucket}/loras/none.safetensors")
+
+
+@pytest.mark.parametrize("strategy", ["stacked", "gathered"])
+def test_per_row_terms_equal_each_row_fused_alone(sd1, tmp_path, monkeypatch, strategy):
+    """UNet outputs of a mixed [uncond; cond] batch with per-row terms (both ways of adding
+    them) equal each row's own call with its set added to the weights; one shared timestep
+    (the time projection's input is then one row for the whole batch) and per-row ones."""
+    from ldm_jobs.model import lora_rows
+
+    ref, ours = sd1
+    a = lf.save_safetensors(tmp_path / "a.safetensors", lf.kohya_state(
+        lf.random_peft(ref.unet, lf.UNET_ATTENTION + lf.UNET_LOCON, 4, 31)))
+    b = lf.save_safetensors(tmp_path / "b.safetensors", lf.kohya_state(
+        lf.random_peft(ref.unet, lf.UNET_LOCON, 8, 32)))
+    sets = lora_rows.resolve(ours, [{}, {str(a): 1.0}, {str(b): 0.5},
+                                    {str(a): 1.0, str(b): -0.5}], 4)
+    modules = lora.targets(ours)
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 77, 32, generator=g)
+    monkeypatch.setattr(lora_rows, "STRATEGY", strategy)
+    for t in (torch.tensor(500.0), torch.tensor([10.0, 200, 300, 400, 10, 200, 300, 400])):
+        with torch.no_grad():
+            with lora_rows.per_row(ours.unet, modules["unet"],
+                                   [lora_rows._module_terms(s, "unet") for s in sets]):
+                mixed = ours.unet(x, t, context)
+            for i, adapters in enumerate(sets):
+                rows = [i, i + 4]
+                with lora_rows.patched(modules, adapters, ("unet",)):
+                    alone = ours.unet(x[rows], t if t.ndim == 0 else t[rows], context[rows])
+                torch.testing.assert_close(mixed[rows], alone, rtol=1e-4, atol=1e-4)
+        plain = ours.unet(x, t, context)
+        assert (mixed[1] - plain[1]).abs().mean() > 1e-2  # the LoRA did something
+
+
+# kohya names in the original (SGM / LDM) UNet layout for the tiny SD 1.x model (2 levels,
+# 2 resnets each, attention on level 0 down / level 1 up): one of each kind of block part
+# that diffusers' own SGM mapping (the SDXL loader's) places right. It maps a block's
+# part 1 to attentions even where that part is an upsampler (`output_blocks_2_1_conv`
+# here), so samplers are checked against the checkpoint converter's rules instead.
+SGM_NAMES = ["input_blocks_1_1_proj_in", "input_blocks_1_1_transformer_blocks_0_attn2_to_k",
+             "input_blocks_2_0_in_layers_2", "input_blocks_4_0_skip_connection",
+             "input_blocks_5_0_emb_layers_1", "middle_block_1_transformer_blocks_0_attn1_to_v",
+             "middle_block_2_out_layers_3", "output_blocks_3_1_transformer_blocks_0_ff_net_2",
+             "output_blocks_5_0_skip_connection", "output_blocks_4_1_proj_out"]
+
+
+def test_kohya_original_layout_names_match_diffusers(sd1, tmp_path):
+    """A kohya file naming UNet modules in the original layout (`input_blocks_4_1_...`,
+    as SDXL kohya files do): diffusers maps the names with its SDXL loader's rules; same
+    image. Samplers: the same modules as the single-file converter's names."""
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    ref, ours = sd1
+    g = torch.Generator().manual_seed(3)
+    modules = lora.targets(ours)
+    resolve = lora._Resolver(modules)
+    state = {}
+    for name in SGM_NAMES:
+        component, path = resolve(f"lora_unet_{name}.lora_down.weight"[: -len(".lora_down.weight")])
+        w = modules[component][path].weight
+        state[f"lora_unet_{name}.lora_down.weight"] = _randn(g, 4, *w.shape[1:])
+        up = _randn(g, w.shape[0], 4, scale=1.0)
+        state[f"lora_unet_{name}.lora_up.weight"] = up[:, :, None, None] if w.ndim == 4 else up
+        state[f"lora_unet_{name}.alpha"] = torch.tensor(4.0)
+    path = str(lf.save_safetensors(tmp_path / "sgm.safetensors", state))
+    pipe = diffusers_pipeline(ref, "euler")
+    from safetensors.torch import load_file
+
+    pipe.load_lora_weights(_maybe_map_sgm_blocks_to_diffusers(load_file(path), ref.unet.config),
+                           adapter_name="sgm")
+    kw = dict(num_inference_steps=3, guidance_scale=6.0, height=32, width=32, output_type="np")
+    theirs = pipe(prompt=["a cat"], generator=[torch.Generator().manual_seed(9)], **kw).images[0]
+    mine = ours.generate(["a cat"], seeds=[9], steps=3, guidance_scale=6.0, sampler="euler",
+                         width=32, height=32, loras=[{path: 1.0}])[0]
+    plain = ours.generate(["a cat"], seeds=[9], steps=3, guidance_scale=6.0, sampler="euler",
+                          width=32, height=32)[0]
+    diff = np.abs(np.asarray(mine).astype(int) - (theirs * 255).round().astype(int))
+    assert diff.max() <= 2 and diff.mean() <= 0.5, (diff.max(), diff.mean())
+    assert np.abs(np.asarray(mine).astype(int) - np.asarray(plain)).mean() > 2
+    for sgm, ours_name in (("input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv"),
+                           ("output_blocks_2_1_conv", "up_blocks.0.upsamplers.0.conv")):
+        assert resolve(f"lora_unet_{sgm}") == ("unet", ours_name)
