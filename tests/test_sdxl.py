@@ -125,6 +125,7 @@ def test_per_row_guidance_negatives_and_cfg_off(sdxl):
     assert np.abs(ours[1] - encoded[0]).max() > 2
 
 
+@pytest.mark.slow  # three diffusers runs; the default time ids are checked by every other test
 def test_micro_conditioning_overrides(sdxl):
     ref, pipe = sdxl
     ours = as_array(pipe.generate(PROMPTS[:1], seeds=[3], steps=3, sampler="ddim", width=SIZE, height=SIZE,
