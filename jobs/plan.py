@@ -146,7 +146,7 @@ def check_model(spec: JobSpec) -> None:
     try:
         check_source(spec.model, spec.storage)
     except (OSError, ValueError, StorageError, CheckpointError) as error:
-        raise SpecError(f"model: {redact_text(str(error))}") from None
+        raise SpecError(f"model: {redact_text(str(error))}{resolved_note(spec.model)}") from None
 
 
 def shard_name(index: int) -> str:

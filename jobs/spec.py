@@ -244,7 +244,7 @@ def resolved_note(path: str) -> str:
     """` (resolved to /abs/path)` for a relative local path, else ``: a message about a
     relative path says where it was looked for (the current directory decides)."""
     local = path.removeprefix("file://")
-    if "://" in local or os.path.isabs(local):
+    if "://" in local or local.startswith("builtin:") or os.path.isabs(local):
         return ""
     return f" (resolved to {os.path.abspath(local)})"
 
