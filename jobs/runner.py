@@ -31,6 +31,8 @@ import ray
 from ray.exceptions import AuthenticationError, RayError, RayTaskError
 
 from ldm_jobs.jobs import sinks
+from ldm_jobs.jobs.errors import JobFailed, ModelLoadError
+from ldm_jobs.jobs.inprocess import PERMANENT_NOTE, run_in_process
 from ldm_jobs.jobs.plan import (
     RECORDS_DIR,
     ForeignOutputError,
@@ -56,14 +58,6 @@ START_NOTE_SHARE = 0.25
 ADDRESS_PROBE_SECONDS = 10.0
 
 WorkerFactory = Callable[..., Any]
-
-
-class JobFailed(RuntimeError):
-    """The job cannot finish: a shard failed on every attempt, or actors keep dying."""
-
-
-class ModelLoadError(JobFailed):
-    """The model named by the spec could not be loaded by a worker."""
 
 
 class _ShardActor:
@@ -230,8 +224,8 @@ class _Dispatch:
             result = ray.get(ref)
         except RayTaskError as exc:  # the worker raised; the actor itself is fine
             if getattr(getattr(exc, "cause", None), "permanent", False):  # no such bucket, ...
-                raise JobFailed(f"shard {shard.name}: {_error_text(exc)} (not retried: "
-                                "it would fail the same way again)") from None
+                raise JobFailed(f"shard {shard.name}: {_error_text(exc)} {PERMANENT_NOTE}"
+                                ) from None
             self._retry(shard, _error_text(exc))
             self.idle.append(slot)
         except RayError as exc:  # the actor's process is gone (killed, OOM, node lost)
@@ -406,6 +400,14 @@ def _check_placeable(spec: JobSpec) -> None:
         )
 
 
+def runs_in_process(spec: JobSpec, named: str | None, ray_up: bool) -> bool:
+    """Whether a job runs without Ray: one actor, no cluster named (--address or
+    RAY_ADDRESS) and no Ray already up in this process (tests, notebooks and Ray Jobs
+    drivers that hold one get actors, as they asked). Ray would only add its start-up and
+    a second process loading the model."""
+    return spec.compute.actors == 1 and not named and not ray_up
+
+
 def run_job(
     spec: JobSpec,
     *,
@@ -414,11 +416,13 @@ def run_job(
     progress: bool = True,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     worker_factory: WorkerFactory = ShardWorker,
+    in_process: bool | None = None,
 ) -> dict:
     """Run (or resume) a job to the end and return its manifest.
 
     `worker_factory(spec, device=...)` builds the per-actor worker; tests pass a
-    ShardWorker subclass to inject failures.
+    ShardWorker subclass to inject failures. `in_process`: run the shards in this process
+    without Ray (True), through Ray actors (False), or decide by `runs_in_process` (None).
     """
     started, started_at = time.monotonic(), time.time()
     named = address or os.environ.get("RAY_ADDRESS") or None
@@ -440,7 +444,12 @@ def run_job(
         bar.note(f"resuming: {skipped} of {len(plan.shards)} shard(s) already committed, "
                  "skipped")
     ray_start = 0.0
-    if pending:
+    if in_process is None:
+        in_process = runs_in_process(spec, named, ray.is_initialized())
+    if pending and in_process:
+        check_model(spec)
+        run_in_process(spec, pending, max_attempts, bar, worker_factory)
+    elif pending:
         check_model(spec)  # a wrong model name or path stops here, before Ray starts
         ray_started = time.monotonic()
         with ray_session(named) as started_here:
