@@ -33,6 +33,7 @@ from ray.exceptions import AuthenticationError, RayError, RayTaskError
 from ldm_jobs.jobs import sinks
 from ldm_jobs.jobs.errors import JobFailed, ModelLoadError
 from ldm_jobs.jobs.inprocess import PERMANENT_NOTE, run_in_process
+from ldm_jobs.jobs.liveness import Liveness
 from ldm_jobs.jobs.plan import (
     RECORDS_DIR,
     ForeignOutputError,
@@ -285,6 +286,18 @@ def quiet_ray_banners() -> None:
         logger.addFilter(_DropBanners())
 
 
+def _cluster_endpoints() -> dict[str, tuple[str, int]]:
+    """The head's GCS and this machine's raylet: the two a driver cannot work without.
+    Read from Ray's own state; a connection without them (Ray client) is not watched."""
+    endpoints = {}
+    with contextlib.suppress(Exception):  # private state: missing parts mean "not watched"
+        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+        endpoints["the head's GCS"] = (host, int(port))
+        node = ray._private.worker.global_worker.node
+        endpoints["this machine's raylet"] = (node.node_ip_address, int(node.node_manager_port))
+    return endpoints
+
+
 def check_address(address: str, source: str = "--address") -> None:
     """Fail at once, with a message, on an address Ray would reject with a traceback (a
     dashboard URL) or retry for minutes (nothing listening there)."""
@@ -457,7 +470,8 @@ def run_job(
             if started_here:
                 _check_placeable(spec)
             pool = _Pool(spec, _actor_options(spec), worker_factory)
-            _Dispatch(spec, pending, pool, max_attempts, bar).run()
+            with Liveness(_cluster_endpoints()).watching():
+                _Dispatch(spec, pending, pool, max_attempts, bar).run()
     wall_seconds = time.monotonic() - started
     if ray_start > START_NOTE_SHARE * wall_seconds:
         bar.note(f"starting a local Ray took {ray_start:.0f} of the job's {wall_seconds:.0f} s; "
