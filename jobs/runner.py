@@ -34,6 +34,7 @@ from ldm_jobs.jobs import sinks
 from ldm_jobs.jobs.errors import JobFailed, ModelLoadError
 from ldm_jobs.jobs.inprocess import PERMANENT_NOTE, run_in_process
 from ldm_jobs.jobs.liveness import Liveness
+from ldm_jobs.jobs.metrics import JobMetrics
 from ldm_jobs.jobs.plan import (
     RECORDS_DIR,
     ForeignOutputError,
@@ -165,6 +166,7 @@ class _Dispatch:
         # somewhere, deaths are the machines' and each actor may lose `max_attempts`.
         self.boot_deaths = 0
         self.loaded_once = False
+        self.metrics = JobMetrics(spec.name)
 
     def run(self) -> list[ShardResult]:
         self.progress.note(f"{len(self.queue)} shard(s) to run on {self.n_actors} actor(s); "
@@ -178,6 +180,7 @@ class _Dispatch:
                     self.running[self.pool.submit(slot, shard)] = slot, shard
                 if not self.running and not self.booting:
                     raise JobFailed("no actor is left to run the remaining shards")
+                self.metrics.queue(len(self.queue))
                 done, _ = ray.wait([*self.running, *self.booting], num_returns=1,
                                    timeout=WAIT_NOTE_SECONDS)
                 if not done:
@@ -234,6 +237,7 @@ class _Dispatch:
             self.booting[self.pool.start(slot)] = slot
         else:
             self.results.append(result)
+            self.metrics.shard_done(result)
             self.progress.update(shard.rows, result.generated, result.rejected)
             self.idle.append(slot)
 

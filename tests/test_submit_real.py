@@ -9,6 +9,7 @@ API, reads the images, and stops that head by the process ids it started (never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -33,6 +34,7 @@ BIN = Path(sys.executable).parent
 # How long the head and the job may take on a busy 2-core machine before the test gives up.
 HEAD_UP_SECONDS = 180
 JOB_SECONDS = 420
+METRICS_SECONDS = 60
 
 
 def _free_port() -> int:
@@ -81,6 +83,7 @@ class Head:
         # Unix socket paths live under the temp dir and must stay short: not under tmp_path.
         self.temp_dir = tempfile.mkdtemp(prefix="ldmray-", dir="/tmp")
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.metrics_port = _free_port()
         self.url = f"http://127.0.0.1:{self.dashboard_port}"
         self.log = open(Path(self.temp_dir) / "head.log", "wb")  # noqa: SIM115 - closed in stop
         self.process = subprocess.Popen(
@@ -89,7 +92,7 @@ class Head:
              f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
              "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}",
              f"--dashboard-agent-listen-port={_free_port()}",
-             f"--metrics-export-port={_free_port()}", "--num-cpus=2", "--num-gpus=0",
+             f"--metrics-export-port={self.metrics_port}", "--num-cpus=2", "--num-gpus=0",
              "--object-store-memory=100000000", "--include-dashboard=true"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -137,7 +140,9 @@ def head_env():
     env = {key: value for key, value in os.environ.items()
            if not key.startswith("RAY_")}  # no address or auth from the test session
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HF_HUB_OFFLINE="1",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+               # metrics reach the node's exporter every 0.5 s, not 10: the job is short
+               RAY_metrics_report_interval_ms="500")
     head = Head(env)
     try:
         head.wait_up(token)
@@ -185,3 +190,26 @@ def test_submit_runs_to_succeeded_on_a_real_head(head_env, tmp_path: Path) -> No
     assert (output / "_SUCCESS").exists()
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["counts"]["generated"] == 3
+
+    # The driver's Ray metrics, on the head's metrics endpoint (what the dashboard scrapes).
+    deadline, text = time.monotonic() + METRICS_SECONDS, ""
+    while time.monotonic() < deadline and (_metric(text, "images_generated_total") is None
+                                           or _metric(text, "shard_seconds_count") is None):
+        time.sleep(1)
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{head.metrics_port}/metrics",
+                                        timeout=10) as response:
+                text = response.read().decode()
+    ours = "\n".join(line for line in text.splitlines() if "ldm_jobs" in line)
+    assert _metric(text, "images_generated_total") == 3.0, ours  # Prometheus names counters so
+    # (ray_ldm_jobs_shards_queued, a gauge, is not asserted: a gauge's last value goes
+    # with the driver's process, which ends with this short job before it is exported.)
+    assert _metric(text, "shard_seconds_count") == 1.0, ours  # one shard of 3 rows
+
+
+def _metric(text: str, name: str) -> float | None:
+    """The value of ray_ldm_jobs_<name> for the job "submitted", if exported yet."""
+    for line in text.splitlines():
+        if line.startswith(f"ray_ldm_jobs_{name}{{") and 'job="submitted"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
