@@ -64,13 +64,13 @@ imported = rss_mb()
 spec = parse_spec({"input": {"path": args["input"]},
                    "output": {"path": args["output"], "rows_per_shard": args["per_shard"]},
                    "sampling": {"width": 64, "height": 64}, **args.get("extra", {})})
-started = time.perf_counter()
+started, cpu_started = time.perf_counter(), time.process_time()
 plan = make_plan(spec)
 text = plan.describe()
-seconds = time.perf_counter() - started
+seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
 print(json.dumps({"rows": plan.input_rows, "shards": len(plan.shards),
                   "duplicates": sum(len(s.duplicates) for s in plan.shards),
-                  "seconds": seconds, "import_mb": imported, "peak_mb": rss_mb(),
+                  "seconds": seconds, "cpu": cpu, "import_mb": imported, "peak_mb": rss_mb(),
                   "hwm_mb": hwm_mb()}))
 """
 
@@ -141,7 +141,7 @@ def main() -> None:
         return
     kinds = [(label, share) for label, share in (("unique", 0.0), ("10% repeat", 0.10))
              if args.only is None or label.endswith(args.only)]
-    header = (f"{'rows':>9}  {'ids':<12} {'shards':>6} {'repeats':>8} {'plan s':>7} "
+    header = (f"{'rows':>9}  {'ids':<12} {'shards':>6} {'repeats':>8} {'plan s':>7} {'CPU s':>6} "
               f"{'import MB':>9} {'peak MB':>8} {'VmHWM MB':>8}")
     print(header)
     print("-" * len(header))
@@ -155,7 +155,7 @@ def main() -> None:
                 result = measure(root, path, args.rows_per_shard)
                 assert result["rows"] == rows
                 print(f"{rows:>9}  {label:<12} {result['shards']:>6} {result['duplicates']:>8} "
-                      f"{result['seconds']:>7.2f} {result['import_mb']:>9.0f} "
+                      f"{result['seconds']:>7.2f} {result['cpu']:>6.1f} {result['import_mb']:>9.0f} "
                       f"{result['peak_mb']:>8.0f} {result['hwm_mb']:>8.0f}", flush=True)
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         if args.expanded:
