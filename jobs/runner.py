@@ -293,7 +293,9 @@ def quiet_ray_banners() -> None:
 def _cluster_endpoints() -> dict[str, tuple[str, int]]:
     """The head's GCS and this machine's raylet: the two a driver cannot work without.
     Read from Ray's own state; a connection without them (Ray client) is not watched."""
-    endpoints = {}
+    endpoints: dict[str, tuple[str, int]] = {}
+    if not ray.is_initialized():  # (get_runtime_context would start a Ray)
+        return endpoints
     with contextlib.suppress(Exception):  # private state: missing parts mean "not watched"
         host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
         endpoints["the head's GCS"] = (host, int(port))
