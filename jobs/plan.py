@@ -108,7 +108,7 @@ class Plan:
             f"cfg {spec.sampling.guidance_scale}, {size_text(spec)}, "
             f"seed {spec.sampling.seed}, {spec.sampling.images_per_prompt} image(s) per prompt",
             f"output     {spec.output.path} ({spec.output.format}, {spec.output.image_format})",
-            f"compute    {spec.compute.actors} actor(s), {spec.compute.gpus_per_actor:g} GPU(s) "
+            f"compute    {_actors(spec)}, {spec.compute.gpus_per_actor:g} GPU(s) "
             f"each, batch {spec.compute.batch_size}, {spec.compute.dtype}"
             + (", UNet compiled (torch.compile)" if spec.compute.compile else ""),
             f"shards     {len(self.shards)} of up to {rows_per_shard(spec)} prompts: "
@@ -147,6 +147,12 @@ def check_model(spec: JobSpec) -> None:
         check_source(spec.model, spec.storage)
     except (OSError, ValueError, StorageError, CheckpointError) as error:
         raise SpecError(f"model: {redact_text(str(error))}") from None
+
+
+def _actors(spec: JobSpec) -> str:
+    if spec.compute.actors == "auto":
+        return f"auto actors (one per free slot, up to {spec.compute.max_actors})"
+    return f"{spec.compute.actors} actor(s)"
 
 
 def shard_name(index: int) -> str:

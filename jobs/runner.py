@@ -50,6 +50,8 @@ from ldm_jobs.jobs.worker import ShardResult, ShardWorker
 
 # A shard gets this many attempts in all (first try included) before the job fails.
 DEFAULT_MAX_ATTEMPTS = 3
+# With `compute.actors: auto`, how often the driver looks for nodes that joined.
+AUTO_RESIZE_SECONDS = 2.0
 # How long to wait on Ray before telling the user that nothing has moved yet (an
 # autoscaling cluster may take minutes to bring up a GPU node).
 WAIT_NOTE_SECONDS = 60.0
@@ -109,6 +111,12 @@ class _Pool:
     def submit(self, slot: int, shard: ShardPlan) -> Any:
         return self.actors[slot].run.remote(shard)
 
+    def drop(self, slot: int) -> None:
+        actor = self.actors.pop(slot, None)
+        if actor is not None:
+            with contextlib.suppress(RayError):
+                ray.kill(actor, no_restart=True)
+
     def shutdown(self) -> None:
         for actor in self.actors.values():
             with contextlib.suppress(RayError):
@@ -123,7 +131,7 @@ def _actor_options(spec: JobSpec) -> dict[str, Any]:
         # CPU actors on a small machine: share its cores rather than leave actors
         # pending forever (Ray also sizes torch's thread pool from num_cpus).
         total_cpus = ray.cluster_resources().get("CPU", 0.0)
-        if total_cpus > 0:
+        if total_cpus > 0 and spec.compute.actors != "auto":  # auto: a slot is one CPU
             cpus = min(1.0, total_cpus / max(spec.compute.actors, 1))
     # Our own retry loop replaces dead actors and retries shards, so Ray's are off:
     # two layers of retries would make "retried at most N times" untrue.
@@ -152,7 +160,11 @@ class _Dispatch:
         self.pool = pool
         self.max_attempts = max_attempts
         self.progress = progress
-        self.n_actors = max(1, min(spec.compute.actors, len(shards)))
+        self.auto = spec.compute.actors == "auto"
+        self.n_actors = self._target(len(shards)) if self.auto else max(
+            1, min(spec.compute.actors, len(shards)))
+        self.next_slot = self.n_actors
+        self.sized_at = time.monotonic()
         self.queue: deque[ShardPlan] = deque(shards)
         self.attempts: dict[str, int] = {}
         self.booting: dict[Any, int] = {}  # ready() ref -> slot
@@ -174,24 +186,62 @@ class _Dispatch:
         try:
             for slot in range(self.n_actors):
                 self.booting[self.pool.start(slot)] = slot
+            quiet_since = time.monotonic()
             while self.queue or self.running:
                 while self.idle and self.queue:
                     slot, shard = self.idle.popleft(), self.queue.popleft()
                     self.running[self.pool.submit(slot, shard)] = slot, shard
+                if self.auto and time.monotonic() - self.sized_at >= AUTO_RESIZE_SECONDS:
+                    self._grow()
                 if not self.running and not self.booting:
                     raise JobFailed("no actor is left to run the remaining shards")
                 self.metrics.queue(len(self.queue))
                 done, _ = ray.wait([*self.running, *self.booting], num_returns=1,
-                                   timeout=WAIT_NOTE_SECONDS)
+                                   timeout=AUTO_RESIZE_SECONDS if self.auto
+                                   else WAIT_NOTE_SECONDS)
                 if not done:
-                    self._note_waiting()
-                elif done[0] in self.booting:
+                    if time.monotonic() - quiet_since >= WAIT_NOTE_SECONDS:
+                        self._note_waiting()
+                        quiet_since = time.monotonic()
+                    continue
+                quiet_since = time.monotonic()
+                if done[0] in self.booting:
                     self._booted(done[0])
                 else:
                     self._finished(done[0])
         finally:
             self.pool.shutdown()
         return self.results
+
+    # ---- compute.actors: auto ----------------------------------------------------------
+    def _target(self, shards_left: int) -> int:
+        """Actors for `auto`: one per slot of the cluster's live nodes (gpus_per_actor
+        GPUs, else one CPU), at most max_actors and shards left, at least one."""
+        resources, gpus = ray.cluster_resources(), self.spec.compute.gpus_per_actor
+        slots = int(resources.get("GPU", 0.0) // gpus) if gpus else int(
+            resources.get("CPU", 0.0))
+        return max(1, min(self.spec.compute.max_actors, slots, shards_left))
+
+    def _grow(self) -> None:
+        """Start actors for slots that nodes brought since the last look."""
+        self.sized_at = time.monotonic()
+        target = self._target(len(self.queue) + len(self.running))
+        if target > len(self.pool.actors):
+            self.progress.note(f"actors: auto: {len(self.pool.actors)} -> {target} "
+                               "(nodes joined)")
+        while len(self.pool.actors) < target:
+            slot, self.next_slot = self.next_slot, self.next_slot + 1
+            self.booting[self.pool.start(slot)] = slot
+        self.n_actors = max(self.n_actors, len(self.pool.actors))
+
+    def _shrinks(self, slot: int) -> bool:
+        """With `auto`, a lost actor whose slot left with its node is not replaced."""
+        if not self.auto or len(self.pool.actors) <= self._target(
+                len(self.queue) + len(self.running)):
+            return False
+        self.pool.drop(slot)
+        self.progress.note(f"actors: auto: a node left; {len(self.pool.actors)} actor(s) now")
+        return True
 
     def _note_waiting(self) -> None:
         if self.booting:
@@ -215,7 +265,8 @@ class _Dispatch:
                     "; none has loaded it, so the model itself may not fit in memory")
                 raise JobFailed(f"actors keep dying while loading model {self.spec.model!r} "
                                 f"({self.boot_deaths} lost{hint}): {_error_text(exc)}") from None
-            self.booting[self.pool.start(slot)] = slot
+            if not self._shrinks(slot):
+                self.booting[self.pool.start(slot)] = slot
             return
         if load_error is not None:
             raise ModelLoadError(f"model {self.spec.model!r} could not be loaded: {load_error}")
@@ -234,7 +285,8 @@ class _Dispatch:
             self.idle.append(slot)
         except RayError as exc:  # the actor's process is gone (killed, OOM, node lost)
             self._retry(shard, f"worker lost ({_error_text(exc)})")
-            self.booting[self.pool.start(slot)] = slot
+            if not self._shrinks(slot):
+                self.booting[self.pool.start(slot)] = slot
         else:
             self.results.append(result)
             self.metrics.shard_done(result)
@@ -424,7 +476,7 @@ def runs_in_process(spec: JobSpec, named: str | None, ray_up: bool) -> bool:
     RAY_ADDRESS) and no Ray already up in this process (tests, notebooks and Ray Jobs
     drivers that hold one get actors, as they asked). Ray would only add its start-up and
     a second process loading the model."""
-    return spec.compute.actors == 1 and not named and not ray_up
+    return spec.compute.actors == 1 and not named and not ray_up  # never for "auto"
 
 
 def run_job(

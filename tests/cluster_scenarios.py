@@ -89,6 +89,8 @@ def main(scenario: str, spec_json: str, result_path: str) -> int:
 
     def act() -> None:
         _first_commit(output)
+        if not running.is_alive():
+            return
         if scenario == "node_loss":
             cluster.remove_node(workers[1], allow_graceful=False)
             event("removed node1")
@@ -99,15 +101,22 @@ def main(scenario: str, spec_json: str, result_path: str) -> int:
 
     ray.init(address=cluster.address)
     started = time.monotonic()
-    threading.Thread(target=act, daemon=True).start()
-    try:
-        manifest = run_job(spec, progress=False)
-        result["manifest_counts"] = manifest["counts"]
-        result["error"] = None
-    except Exception as error:  # the scenario reports it; the test judges it
-        result["error"] = f"{type(error).__name__}: {error}"
-        result["traceback"] = traceback.format_exc()
-    result["wall"] = time.monotonic() - started
+
+    def job() -> None:
+        try:
+            manifest = run_job(spec)  # its progress notes say what the pool did
+            result["manifest_counts"] = manifest["counts"]
+            result["error"] = None
+        except Exception as error:  # the scenario reports it; the test judges it
+            result["error"] = f"{type(error).__name__}: {error}"
+            result["traceback"] = traceback.format_exc()
+        result["wall"] = time.monotonic() - started
+
+    # The job runs in a thread: starting a node (Cluster.add_node) wants the main thread.
+    running = threading.Thread(target=job)
+    running.start()
+    act()
+    running.join()
     Path(result_path).write_text(json.dumps(result))
     ray.shutdown()
     cluster.shutdown()

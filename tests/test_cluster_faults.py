@@ -83,6 +83,23 @@ def test_a_node_lost_mid_job_changes_nothing(clean, tmp_path: Path) -> None:
     assert (output / "_SUCCESS").exists()
 
 
+def test_auto_actors_shrink_when_a_node_goes(ray_cluster, tmp_path: Path) -> None:
+    rows = 32  # 16 shards of one batch each: work is left when the node goes
+    source = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"id": [f"s{i:02d}" for i in range(rows)],
+                             "prompt": [f"a shape number {i}" for i in range(rows)]}), source)
+    reference = tmp_path / "reference"
+    run_job(parse_spec(_spec(source, reference)), progress=False)
+    output = tmp_path / "out"
+    result, done = _scenario("node_loss", _spec(source, output, actors="auto"),
+                             tmp_path / "result.json")
+    assert result["error"] is None, result.get("traceback")
+    # two slots, then one: the lost actor is not replaced
+    assert "16 shard(s) to run on 2 actor(s)" in done.stdout
+    assert "actors: auto: a node left; 1 actor(s) now" in done.stdout, done.stdout[-3000:]
+    assert _shards(output) == _shards(reference)  # every row once, the same bytes
+
+
 def test_the_cluster_gone_stops_run_in_one_line_and_the_same_command_resumes(
         clean, tmp_path: Path) -> None:
     source, clean_output = clean
@@ -102,3 +119,24 @@ def test_the_cluster_gone_stops_run_in_one_line_and_the_same_command_resumes(
     assert sorted(pq.read_table(output).column("id").to_pylist()) == \
         [f"r{i:02d}" for i in range(ROWS)]
     assert _shards(output) == _shards(clean_output)
+
+
+def test_auto_actors_grow_with_nodes_up_to_max_actors(tmp_path: Path) -> None:
+    rows = 60
+    source = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"id": [f"g{i:02d}" for i in range(rows)],
+                             "prompt": [f"a shape number {i}" for i in range(rows)]}), source)
+    output = tmp_path / "out"
+    spec = _spec(source, output, actors="auto", max_actors=2)
+    spec["output"]["rows_per_shard"] = 1  # 60 shards of 6 steps: time for new nodes to help
+    spec["sampling"]["steps"] = 6
+    result, done = _scenario("grow", spec, tmp_path / "result.json")
+    assert result["error"] is None, result.get("traceback")
+    # One node of 1 CPU: one actor; two more nodes: three slots, capped at max_actors 2.
+    assert "60 shard(s) to run on 1 actor(s)" in done.stdout
+    assert "actors: auto: 1 -> 2 (nodes joined)" in done.stdout, done.stdout[-3000:]
+    assert "-> 3" not in done.stdout
+    records = [json.loads(p.read_text()) for p in (output / "_shards").glob("part-*.json")]
+    assert len({r["worker"] for r in records}) <= 2
+    assert sorted(pq.read_table(output).column("id").to_pylist()) == \
+        [f"g{i:02d}" for i in range(rows)]
