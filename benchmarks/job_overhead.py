@@ -164,6 +164,42 @@ def run_worker(pipeline, spec) -> dict:
     return {"total": total, "generate": spent["generate"]}
 
 
+BARE_PROCESS = """
+import json, sys, torch
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+import pyarrow.parquet as pq
+from ldm_jobs.jobs.images import encode
+from ldm_jobs.jobs.rows import derive_seed
+from ldm_jobs.model import load_pipeline
+s = args["sampling"]
+pipe = load_pipeline(args["model"], device=args["device"], dtype=args["dtype"])
+table = pq.read_table(args["input"])
+ids, prompts = table.column("id").to_pylist(), table.column("prompt").to_pylist()
+seeds = [derive_seed(s["seed"], i) for i in ids]
+batch = args["batch"]
+for i in range(0, len(prompts), batch):
+    images = pipe.generate(prompts[i:i + batch], seeds=seeds[i:i + batch],
+                           negative_prompts=s["negative_prompt"], steps=s["steps"],
+                           guidance_scale=s["guidance_scale"], sampler=s["sampler"],
+                           width=s["width"], height=s["height"])
+    for image in images:
+        encode(image, "png", "", 95)
+"""
+
+
+def run_bare_process(args, spec, device: str) -> float:
+    """Seconds of a fresh process that does what a user's own script would: import, load
+    the model, generate every row in batches and PNG-encode the images (no job system)."""
+    payload = {"threads": args.threads, "model": args.model, "device": device,
+               "dtype": args.dtype, "input": spec.input.path, "batch": args.batch,
+               "sampling": spec.sampling.model_dump()}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", BARE_PROCESS, json.dumps(payload)], cwd=ROOT,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
+    return time.perf_counter() - start
+
+
 def startup_probe(model: str, gpus: float = 0.0, dtype: str = "float32") -> dict[str, float]:
     """What a job pays before its first shard, in a fresh process like the job's: a local
     Ray's start, one actor's start (a worker process importing torch and the model
@@ -257,11 +293,13 @@ def main(argv=None) -> None:
     load_seconds = time.perf_counter() - start
     run_bare(pipeline, spec, rows[: args.batch])  # warm-up
 
-    results: dict[str, list[dict]] = {"job": [], "bare": [], "worker": [], "joined": []}
+    results: dict[str, list[dict]] = {"job": [], "bare": [], "worker": [], "joined": [],
+                                      "bare_process": []}
     probes: dict[str, list] = {"startup": [], "interpreter": []}
     for _ in range(args.repeats):
         results["job"].append(run_job(spec_path, job_out))
         results["bare"].append(run_bare(pipeline, spec, rows))
+        results["bare_process"].append({"process": run_bare_process(args, spec, device)})
         results["worker"].append(run_worker(pipeline, spec))
         probes["startup"].append(startup_probe(args.model, args.gpus_per_actor, args.dtype))
         probes["interpreter"].append(interpreter_probe())
@@ -305,6 +343,10 @@ def main(argv=None) -> None:
                   ("job joining a running local Ray: whole process", med("joined", "process"))]
     for name, seconds in table:
         print(f"| {name} | {seconds:.2f} | {n / seconds:.2f} | {100 * bare / seconds:.0f}% |")
+    bare_process = med("bare_process", "process")
+    print(f"\nend to end, imports and model load included: a bare script's process "
+          f"{bare_process:.2f} s, the job's process {job_process:.2f} s: efficiency "
+          f"{bare_process / job_process:.2f}")
     print("\nwhere the job's time goes (medians; seconds):\n")
     print("| part | seconds | share of job process |")
     print("|---|---|---|")

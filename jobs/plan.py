@@ -108,7 +108,7 @@ class Plan:
             f"cfg {spec.sampling.guidance_scale}, {size_text(spec)}, "
             f"seed {spec.sampling.seed}, {spec.sampling.images_per_prompt} image(s) per prompt",
             f"output     {spec.output.path} ({spec.output.format}, {spec.output.image_format})",
-            f"compute    {spec.compute.actors} actor(s), {spec.compute.gpus_per_actor:g} GPU(s) "
+            f"compute    {_actors(spec)}, {spec.compute.gpus_per_actor:g} GPU(s) "
             f"each, batch {spec.compute.batch_size}, {spec.compute.dtype}"
             + (", UNet compiled (torch.compile)" if spec.compute.compile else ""),
             f"shards     {len(self.shards)} of up to {rows_per_shard(spec)} prompts: "
@@ -147,6 +147,12 @@ def check_model(spec: JobSpec) -> None:
         check_source(spec.model, spec.storage)
     except (OSError, ValueError, StorageError, CheckpointError) as error:
         raise SpecError(f"model: {redact_text(str(error))}{resolved_note(spec.model)}") from None
+
+
+def _actors(spec: JobSpec) -> str:
+    if spec.compute.actors == "auto":
+        return f"auto actors (one per free slot, up to {spec.compute.max_actors})"
+    return f"{spec.compute.actors} actor(s)"
 
 
 def shard_name(index: int) -> str:
@@ -263,15 +269,28 @@ def _derived_clashes(values: pa.Array, first: np.ndarray, images_per_prompt: int
             found[later] = earlier
 
 
-def _fingerprint(spec: JobSpec, slices: tuple[RowSlice, ...], id_column: str | None) -> str:
+def _fingerprint_prefix(spec: JobSpec, id_column: str | None) -> bytes:
+    """The JSON of everything but the slices that decides a shard's bytes, without its
+    closing brace: `_fingerprint` appends each shard's slices (the last key in sorted
+    order), so the spec is serialised once per plan, not once per shard."""
     decisive = {
         "model": spec.model,
         "input": {"prompt_column": spec.input.prompt_column, "id_column": id_column},
         "output": spec.output.model_dump(exclude={"path"}),
         "sampling": spec.sampling.model_dump(),
-        "slices": [[s.path, s.first, s.count, s.offset] for s in slices],
+        "slices": None,
     }
-    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
+    text = json.dumps(decisive, sort_keys=True)
+    assert text.endswith(', "slices": null}')  # slices sorts last
+    return text[: -len("null}")].encode()
+
+
+def _fingerprint(spec: JobSpec, slices: tuple[RowSlice, ...], id_column: str | None,
+                 prefix: bytes | None = None) -> str:
+    """sha256 of json.dumps(decisive fields and the slices, sort_keys=True)."""
+    prefix = prefix if prefix is not None else _fingerprint_prefix(spec, id_column)
+    tail = json.dumps([[s.path, s.first, s.count, s.offset] for s in slices]) + "}"
+    return hashlib.sha256(prefix + tail.encode()).hexdigest()
 
 
 def _cut_shards(spec: JobSpec, files: list[InputFile], id_column: str | None,
@@ -281,6 +300,7 @@ def _cut_shards(spec: JobSpec, files: list[InputFile], id_column: str | None,
     slices: list[RowSlice] = []
     rows = offset = 0
     dup_rows = sorted(duplicates)  # bisected per shard: linear, not shards x duplicates
+    prefix = _fingerprint_prefix(spec, id_column)
 
     def close() -> None:
         nonlocal slices, rows
@@ -289,7 +309,7 @@ def _cut_shards(spec: JobSpec, files: list[InputFile], id_column: str | None,
         dups = tuple((r, duplicates[r]) for r in dup_rows[lo:hi])
         frozen = tuple(slices)
         shards.append(ShardPlan(len(shards), shard_name(len(shards)), frozen, rows, id_column,
-                                dups, _fingerprint(spec, frozen, id_column), schema))
+                                dups, _fingerprint(spec, frozen, id_column, prefix), schema))
         slices, rows = [], 0
 
     for info in files:
@@ -394,8 +414,13 @@ def make_plan(spec: JobSpec) -> Plan:
         if input_rows == 0:
             raise InputError(f"{spec.input.path}: the input holds no rows "
                              f"({len(files)} file(s), all empty); nothing to generate")
-        duplicates = (find_duplicates(in_storage, files, id_column, spec.input.prompt_column,
-                                      spec.sampling.images_per_prompt) if id_column else {})
+        # Big Parquet inputs are checked out of memory (jobs/dedup.py), small ones here.
+        from .dedup import find_duplicates_scaled
+
+        duplicates = (find_duplicates_scaled(in_storage, files, id_column,
+                                             spec.input.prompt_column,
+                                             spec.sampling.images_per_prompt)
+                      if id_column else {})
     except (InputError, StorageError) as error:
         # Name the field; never echo a credential that a URL or the environment holds.
         message = redact_text(str(error)) + resolved_note(spec.input.path)

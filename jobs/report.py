@@ -138,6 +138,15 @@ def _summary(out: Output) -> list[str]:
     ]
     if len(runs) > 1:  # a resumed job: each run's own figures
         lines += [_run_line(number, run) for number, run in enumerate(runs, start=1)]
+    for worker in timings.get("workers", []):  # manifests before per-worker lines have none
+        used = worker.get("utilisation")
+        lines.append(
+            f"  worker   {worker['node']} {worker['device']}: {worker['images']} images in "
+            f"{worker['shards']} shard(s), busy {worker['busy_seconds']:.1f} s"
+            + (f" ({used:.0%} of the generation window)" if used is not None else "")
+            + (f", {worker['images_per_gpu_hour']:.0f} images per "
+               f"{'GPU' if timings.get('accelerator') == 'gpu' else 'worker'}-hour"
+               if worker.get("images_per_gpu_hour") else ""))
     return lines
 
 

@@ -31,6 +31,10 @@ import ray
 from ray.exceptions import AuthenticationError, RayError, RayTaskError
 
 from ldm_jobs.jobs import sinks
+from ldm_jobs.jobs.errors import JobFailed, ModelLoadError
+from ldm_jobs.jobs.inprocess import PERMANENT_NOTE, run_in_process
+from ldm_jobs.jobs.liveness import Liveness
+from ldm_jobs.jobs.metrics import JobMetrics
 from ldm_jobs.jobs.plan import (
     RECORDS_DIR,
     ForeignOutputError,
@@ -46,6 +50,8 @@ from ldm_jobs.jobs.worker import ShardResult, ShardWorker
 
 # A shard gets this many attempts in all (first try included) before the job fails.
 DEFAULT_MAX_ATTEMPTS = 3
+# With `compute.actors: auto`, how often the driver looks for nodes that joined.
+AUTO_RESIZE_SECONDS = 2.0
 # How long to wait on Ray before telling the user that nothing has moved yet (an
 # autoscaling cluster may take minutes to bring up a GPU node).
 WAIT_NOTE_SECONDS = 60.0
@@ -56,14 +62,6 @@ START_NOTE_SHARE = 0.25
 ADDRESS_PROBE_SECONDS = 10.0
 
 WorkerFactory = Callable[..., Any]
-
-
-class JobFailed(RuntimeError):
-    """The job cannot finish: a shard failed on every attempt, or actors keep dying."""
-
-
-class ModelLoadError(JobFailed):
-    """The model named by the spec could not be loaded by a worker."""
 
 
 class _ShardActor:
@@ -113,6 +111,12 @@ class _Pool:
     def submit(self, slot: int, shard: ShardPlan) -> Any:
         return self.actors[slot].run.remote(shard)
 
+    def drop(self, slot: int) -> None:
+        actor = self.actors.pop(slot, None)
+        if actor is not None:
+            with contextlib.suppress(RayError):
+                ray.kill(actor, no_restart=True)
+
     def shutdown(self) -> None:
         for actor in self.actors.values():
             with contextlib.suppress(RayError):
@@ -127,7 +131,7 @@ def _actor_options(spec: JobSpec) -> dict[str, Any]:
         # CPU actors on a small machine: share its cores rather than leave actors
         # pending forever (Ray also sizes torch's thread pool from num_cpus).
         total_cpus = ray.cluster_resources().get("CPU", 0.0)
-        if total_cpus > 0:
+        if total_cpus > 0 and spec.compute.actors != "auto":  # auto: a slot is one CPU
             cpus = min(1.0, total_cpus / max(spec.compute.actors, 1))
     # Our own retry loop replaces dead actors and retries shards, so Ray's are off:
     # two layers of retries would make "retried at most N times" untrue.
@@ -156,7 +160,11 @@ class _Dispatch:
         self.pool = pool
         self.max_attempts = max_attempts
         self.progress = progress
-        self.n_actors = max(1, min(spec.compute.actors, len(shards)))
+        self.auto = spec.compute.actors == "auto"
+        self.n_actors = self._target(len(shards)) if self.auto else max(
+            1, min(spec.compute.actors, len(shards)))
+        self.next_slot = self.n_actors
+        self.sized_at = time.monotonic()
         self.queue: deque[ShardPlan] = deque(shards)
         self.attempts: dict[str, int] = {}
         self.booting: dict[Any, int] = {}  # ready() ref -> slot
@@ -170,6 +178,7 @@ class _Dispatch:
         # somewhere, deaths are the machines' and each actor may lose `max_attempts`.
         self.boot_deaths = 0
         self.loaded_once = False
+        self.metrics = JobMetrics(spec.name)
 
     def run(self) -> list[ShardResult]:
         self.progress.note(f"{len(self.queue)} shard(s) to run on {self.n_actors} actor(s); "
@@ -177,23 +186,62 @@ class _Dispatch:
         try:
             for slot in range(self.n_actors):
                 self.booting[self.pool.start(slot)] = slot
+            quiet_since = time.monotonic()
             while self.queue or self.running:
                 while self.idle and self.queue:
                     slot, shard = self.idle.popleft(), self.queue.popleft()
                     self.running[self.pool.submit(slot, shard)] = slot, shard
+                if self.auto and time.monotonic() - self.sized_at >= AUTO_RESIZE_SECONDS:
+                    self._grow()
                 if not self.running and not self.booting:
                     raise JobFailed("no actor is left to run the remaining shards")
+                self.metrics.queue(len(self.queue))
                 done, _ = ray.wait([*self.running, *self.booting], num_returns=1,
-                                   timeout=WAIT_NOTE_SECONDS)
+                                   timeout=AUTO_RESIZE_SECONDS if self.auto
+                                   else WAIT_NOTE_SECONDS)
                 if not done:
-                    self._note_waiting()
-                elif done[0] in self.booting:
+                    if time.monotonic() - quiet_since >= WAIT_NOTE_SECONDS:
+                        self._note_waiting()
+                        quiet_since = time.monotonic()
+                    continue
+                quiet_since = time.monotonic()
+                if done[0] in self.booting:
                     self._booted(done[0])
                 else:
                     self._finished(done[0])
         finally:
             self.pool.shutdown()
         return self.results
+
+    # ---- compute.actors: auto ----------------------------------------------------------
+    def _target(self, shards_left: int) -> int:
+        """Actors for `auto`: one per slot of the cluster's live nodes (gpus_per_actor
+        GPUs, else one CPU), at most max_actors and shards left, at least one."""
+        resources, gpus = ray.cluster_resources(), self.spec.compute.gpus_per_actor
+        slots = int(resources.get("GPU", 0.0) // gpus) if gpus else int(
+            resources.get("CPU", 0.0))
+        return max(1, min(self.spec.compute.max_actors, slots, shards_left))
+
+    def _grow(self) -> None:
+        """Start actors for slots that nodes brought since the last look."""
+        self.sized_at = time.monotonic()
+        target = self._target(len(self.queue) + len(self.running))
+        if target > len(self.pool.actors):
+            self.progress.note(f"actors: auto: {len(self.pool.actors)} -> {target} "
+                               "(nodes joined)")
+        while len(self.pool.actors) < target:
+            slot, self.next_slot = self.next_slot, self.next_slot + 1
+            self.booting[self.pool.start(slot)] = slot
+        self.n_actors = max(self.n_actors, len(self.pool.actors))
+
+    def _shrinks(self, slot: int) -> bool:
+        """With `auto`, a lost actor whose slot left with its node is not replaced."""
+        if not self.auto or len(self.pool.actors) <= self._target(
+                len(self.queue) + len(self.running)):
+            return False
+        self.pool.drop(slot)
+        self.progress.note(f"actors: auto: a node left; {len(self.pool.actors)} actor(s) now")
+        return True
 
     def _note_waiting(self) -> None:
         if self.booting:
@@ -217,7 +265,8 @@ class _Dispatch:
                     "; none has loaded it, so the model itself may not fit in memory")
                 raise JobFailed(f"actors keep dying while loading model {self.spec.model!r} "
                                 f"({self.boot_deaths} lost{hint}): {_error_text(exc)}") from None
-            self.booting[self.pool.start(slot)] = slot
+            if not self._shrinks(slot):
+                self.booting[self.pool.start(slot)] = slot
             return
         if load_error is not None:
             raise ModelLoadError(f"model {self.spec.model!r} could not be loaded: {load_error}")
@@ -230,15 +279,17 @@ class _Dispatch:
             result = ray.get(ref)
         except RayTaskError as exc:  # the worker raised; the actor itself is fine
             if getattr(getattr(exc, "cause", None), "permanent", False):  # no such bucket, ...
-                raise JobFailed(f"shard {shard.name}: {_error_text(exc)} (not retried: "
-                                "it would fail the same way again)") from None
+                raise JobFailed(f"shard {shard.name}: {_error_text(exc)} {PERMANENT_NOTE}"
+                                ) from None
             self._retry(shard, _error_text(exc))
             self.idle.append(slot)
         except RayError as exc:  # the actor's process is gone (killed, OOM, node lost)
             self._retry(shard, f"worker lost ({_error_text(exc)})")
-            self.booting[self.pool.start(slot)] = slot
+            if not self._shrinks(slot):
+                self.booting[self.pool.start(slot)] = slot
         else:
             self.results.append(result)
+            self.metrics.shard_done(result)
             self.progress.update(shard.rows, result.generated, result.rejected)
             self.idle.append(slot)
 
@@ -289,6 +340,20 @@ def quiet_ray_banners() -> None:
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
     if not any(isinstance(f, _DropBanners) for f in logger.filters):
         logger.addFilter(_DropBanners())
+
+
+def _cluster_endpoints() -> dict[str, tuple[str, int]]:
+    """The head's GCS and this machine's raylet: the two a driver cannot work without.
+    Read from Ray's own state; a connection without them (Ray client) is not watched."""
+    endpoints: dict[str, tuple[str, int]] = {}
+    if not ray.is_initialized():  # (get_runtime_context would start a Ray)
+        return endpoints
+    with contextlib.suppress(Exception):  # private state: missing parts mean "not watched"
+        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+        endpoints["the head's GCS"] = (host, int(port))
+        node = ray._private.worker.global_worker.node
+        endpoints["this machine's raylet"] = (node.node_ip_address, int(node.node_manager_port))
+    return endpoints
 
 
 def check_address(address: str, source: str = "--address") -> None:
@@ -406,6 +471,14 @@ def _check_placeable(spec: JobSpec) -> None:
         )
 
 
+def runs_in_process(spec: JobSpec, named: str | None, ray_up: bool) -> bool:
+    """Whether a job runs without Ray: one actor, no cluster named (--address or
+    RAY_ADDRESS) and no Ray already up in this process (tests, notebooks and Ray Jobs
+    drivers that hold one get actors, as they asked). Ray would only add its start-up and
+    a second process loading the model."""
+    return spec.compute.actors == 1 and not named and not ray_up  # never for "auto"
+
+
 def run_job(
     spec: JobSpec,
     *,
@@ -414,11 +487,13 @@ def run_job(
     progress: bool = True,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     worker_factory: WorkerFactory = ShardWorker,
+    in_process: bool | None = None,
 ) -> dict:
     """Run (or resume) a job to the end and return its manifest.
 
     `worker_factory(spec, device=...)` builds the per-actor worker; tests pass a
-    ShardWorker subclass to inject failures.
+    ShardWorker subclass to inject failures. `in_process`: run the shards in this process
+    without Ray (True), through Ray actors (False), or decide by `runs_in_process` (None).
     """
     started, started_at = time.monotonic(), time.time()
     named = address or os.environ.get("RAY_ADDRESS") or None
@@ -440,7 +515,12 @@ def run_job(
         bar.note(f"resuming: {skipped} of {len(plan.shards)} shard(s) already committed, "
                  "skipped")
     ray_start = 0.0
-    if pending:
+    if in_process is None:
+        in_process = runs_in_process(spec, named, ray.is_initialized())
+    if pending and in_process:
+        check_model(spec)
+        run_in_process(spec, pending, max_attempts, bar, worker_factory)
+    elif pending:
         check_model(spec)  # a wrong model name or path stops here, before Ray starts
         ray_started = time.monotonic()
         with ray_session(named) as started_here:
@@ -448,7 +528,8 @@ def run_job(
             if started_here:
                 _check_placeable(spec)
             pool = _Pool(spec, _actor_options(spec), worker_factory)
-            _Dispatch(spec, pending, pool, max_attempts, bar).run()
+            with Liveness(_cluster_endpoints()).watching():
+                _Dispatch(spec, pending, pool, max_attempts, bar).run()
     wall_seconds = time.monotonic() - started
     if ray_start > START_NOTE_SHARE * wall_seconds:
         bar.note(f"starting a local Ray took {ray_start:.0f} of the job's {wall_seconds:.0f} s; "

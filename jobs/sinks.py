@@ -171,7 +171,38 @@ def _timings(spec: JobSpec, records: list[dict], wall_seconds: float) -> dict[st
         "busy_seconds_total": round(sum(busy.values()), 3),
         "accelerator": "gpu" if spec.compute.gpus_per_actor else "cpu",
         "images_per_gpu_hour": round(generated / accelerator_hours, 1) if accelerator_hours else None,
+        "workers": _workers(records, share),
     }
+
+
+def _workers(records: list[dict], share: float) -> list[dict[str, Any]]:
+    """One line per worker: where it ran, what it made, and how busy it was.
+
+    Utilisation is a worker's busy seconds over the job's generation window (the first
+    shard's start to the last shard's end, from the shard records), so a worker that
+    joined late, died early or waited on its model load shows below 1.
+    """
+    spans = [(r["started_at"], r["finished_at"]) for r in records
+             if isinstance(r.get("started_at"), (int, float))
+             and isinstance(r.get("finished_at"), (int, float))]
+    window = (max(end for _, end in spans) - min(start for start, _ in spans)) if spans else 0.0
+    lines: dict[str, dict[str, Any]] = {}
+    for record in records:
+        name = str(record.get("worker", "?"))
+        parts = name.split(":")  # "host:pid:device", as ShardWorker names itself
+        host, device = (":".join(parts[:-2]), parts[-1]) if len(parts) >= 3 else (name, "?")
+        line = lines.setdefault(name, {"worker": name, "node": host, "device": device,
+                                       "shards": 0, "images": 0, "busy_seconds": 0.0})
+        line["shards"] += 1
+        line["images"] += int(record["rows"])
+        line["busy_seconds"] += float(record.get("busy_seconds", 0.0))
+    for line in lines.values():
+        busy = line["busy_seconds"]
+        line["busy_seconds"] = round(busy, 3)
+        line["utilisation"] = round(min(1.0, busy / window), 3) if window > 0 else None
+        hours = busy * share / 3600.0
+        line["images_per_gpu_hour"] = round(line["images"] / hours, 1) if hours else None
+    return [lines[name] for name in sorted(lines)]
 
 
 def _model(spec: JobSpec, records: list[dict]) -> dict[str, Any]:

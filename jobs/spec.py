@@ -144,8 +144,20 @@ class SamplingSpec(_Strict):
         "folder (local or s3://) where <lora:NAME:WEIGHT> tags find NAME.safetensors"))
 
 
+def _actor_count(value: Any) -> Any:
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"a whole number of actors >= 1, or auto (got {value!r})")
+    return value
+
+
 class ComputeSpec(_Strict):
-    actors: Int = Field(1, ge=1)
+    actors: Annotated[int | Literal["auto"], BeforeValidator(_actor_count)] = Field(
+        1, description="actors to run; auto: one per free slot of the cluster "
+        "(gpus_per_actor GPUs, or one CPU on a CPU-only cluster), growing as nodes join and "
+        "shrinking as they leave, up to max_actors")
+    max_actors: Int = Field(64, ge=1, description="the most actors `actors: auto` runs")
     batch_size: Int = Field(8, ge=1)
     gpus_per_actor: Float = Field(0, ge=0, allow_inf_nan=False,
                                   description="fractions share one GPU between actors")

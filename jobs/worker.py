@@ -76,9 +76,15 @@ def _check_local_image_file(path: str) -> None:
         raise ValueError(f"{path}: {info.st_size} bytes, more than {MAX_INIT_IMAGE_BYTES}")
 
 
-class ShardWorker:
-    def __init__(self, spec: JobSpec, device: str = "cpu", pipeline: Any = None,
-                 worker_id: str | None = None):
+class RowGenerator:
+    """Input rows -> checked image tasks -> generated, encoded images -> output rows.
+
+    No storage and no commit: a ShardWorker adds those around it, and Ray Data's
+    `GenerateImages` (jobs/ray_data.py) calls it on each batch, so both write the same
+    columns and the same bytes for the same row.
+    """
+
+    def __init__(self, spec: JobSpec, device: str = "cpu", pipeline: Any = None):
         if pipeline is None:
             from ldm_jobs.model import load_pipeline
 
@@ -95,10 +101,6 @@ class ShardWorker:
         if spec.compute.compile:
             self._compile()
         self.model = model_tag(pipeline)
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device}"
-        self.input_storage = open_storage(spec.input.path, spec.storage)
-        self.output_storage = open_storage(spec.output.path, spec.storage)
-        self._expander = Expander(spec)
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
 
     def _compile(self) -> None:
@@ -116,44 +118,6 @@ class ShardWorker:
         except Exception as error:  # the model loaded: say that compiling is what failed
             raise RuntimeError(f"compute.compile: compiling the UNet failed "
                                f"({type(error).__name__}: {error}); set compile: false") from error
-
-    # ---- reading -------------------------------------------------------------------------
-    def _read(self, shard: ShardPlan) -> tuple[pa.Table, list[int], list[str], dict[int, str]]:
-        """The shard's input rows, their global indices, the file each came from, and
-        {shard row: reason} for rows whose data cannot be decoded (their table row holds
-        what could be read, nulls for the rest)."""
-        prompt_column = self.spec.input.prompt_column
-        parts, unreadable, position = [], {}, 0
-        for piece in shard.slices:
-            part, spans = read_slice_checked(self.input_storage, piece.path, piece.first,
-                                             piece.count, prompt_column)
-            for span in spans:
-                start = position + span.first - piece.first
-                unreadable.update((start + i, span.reason) for i in range(span.count))
-            parts.append(part)
-            position += piece.count
-        schema = shard.schema or unify([part.schema for part in parts], self.spec.input.path)
-        table = pa.concat_tables([conform(part, schema) for part in parts]) if parts \
-            else schema.empty_table()
-        global_rows = [s.offset + i for s in shard.slices for i in range(s.count)]
-        sources = [s.path for s in shard.slices for _ in range(s.count)]
-        return table, global_rows, sources, unreadable
-
-    def _unreadable_rejections(self, table: pa.Table, global_rows: list[int],
-                               id_column: str | None,
-                               unreadable: dict[int, str]) -> list[Rejection]:
-        """A rejection per undecodable row, with its id where the id could be read
-        (planning read the whole id column, so it can)."""
-        ids = table.column(id_column) if id_column and id_column in table.column_names else None
-        rejections = []
-        for row, reason in sorted(unreadable.items()):
-            try:
-                image_id = row_id(ids[row].as_py() if ids is not None else None,
-                                  global_rows[row], bool(id_column))
-            except ValueError:
-                image_id = None
-            rejections.append(Rejection(row, image_id, reason))
-        return rejections
 
     def _init_image_loader(self, sources: list[str], skip: dict[int, str] | None = None):
         spec = self.spec
@@ -245,6 +209,114 @@ class ShardWorker:
                     encoded[index_of[id(task)]] = self._encoder.submit(self._encode, task, image)
         return encoded, failed
 
+    def _output_table(self, table: pa.Table, tasks: list[ImageTask], images: list[bytes],
+                      id_column: str | None) -> pa.Table:
+        columns = {
+            "id": [t.id for t in tasks],
+            "prompt": [t.prompt for t in tasks],
+            "negative_prompt": [t.negative_prompt for t in tasks],
+            "seed": [t.seed for t in tasks],
+            "sampler": [t.sampler for t in tasks],
+            "steps": [t.steps for t in tasks],
+            "guidance_scale": [float(t.guidance_scale) for t in tasks],
+            "width": [t.width for t in tasks],
+            "height": [t.height for t in tasks],
+            "strength": [t.strength for t in tasks],
+            "model": [self.model] * len(tasks),
+            "loras": [[{"name": name, "sha256": sha, "weight": w}
+                       for name, sha, _, w in t.adapters] for t in tasks],
+            "image": images,
+            "image_format": [self.spec.output.image_format] * len(tasks),
+        }
+        fields = list(IMAGE_FIELDS)
+        arrays = [pa.array(columns[f.name], f.type) for f in fields]
+        source_rows = pa.array([t.row for t in tasks], pa.int64())
+        for in_name, out_name in passthrough_columns(table.schema, self.spec.input.prompt_column,
+                                                     id_column):
+            column = table.column(in_name).take(source_rows)
+            fields.append(pa.field(out_name, column.type))
+            arrays.append(column.combine_chunks())
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+    # ---- checking and generating rows ---------------------------------------------------
+    def convert(self, table: pa.Table, global_rows: list[int], id_column: str | None,
+                duplicates: dict[int, int], load: Any,
+                unreadable: list[Rejection] = ()) -> tuple[pa.Table, list[Rejection]]:
+        """The output table of `table`'s rows, and the rejected rows sorted by row.
+
+        `unreadable` are rejections of rows whose data could not be decoded: the decode
+        error is their one reason, so they are neither checked nor generated.
+        """
+        tasks, rejected = check_rows(table, self.spec, global_rows, id_column, duplicates, load)
+        if unreadable:
+            lost = {r.row for r in unreadable}
+            tasks = [task for task in tasks if task.row not in lost]
+            rejected = [r for r in rejected if r.row not in lost] + list(unreadable)
+        encoded, failed = self._generate_all(tasks)
+        ids_by_row: dict[int, str] = {}
+        for task in tasks:
+            ids_by_row.setdefault(task.row, task.id)  # a row's first image carries its own id
+        rejected += [Rejection(row, ids_by_row.get(row), reason) for row, reason in failed.items()]
+        # Reasons quote paths and library messages: keep credentials out of errors.parquet.
+        rejected = sorted((Rejection(r.row, r.id, redact_text(r.reason)) for r in rejected),
+                          key=lambda r: r.row)
+        kept = [(i, task) for i, task in enumerate(tasks) if task.row not in failed]
+        images = [encoded[i].result() for i, _ in kept]
+        return self._output_table(table, [task for _, task in kept], images, id_column), rejected
+
+    def close(self) -> None:
+        self._encoder.shutdown(wait=True)
+
+
+class ShardWorker(RowGenerator):
+    """A RowGenerator that reads a shard's rows from the input and commits its output."""
+
+    def __init__(self, spec: JobSpec, device: str = "cpu", pipeline: Any = None,
+                 worker_id: str | None = None):
+        super().__init__(spec, device, pipeline)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device}"
+        self.input_storage = open_storage(spec.input.path, spec.storage)
+        self.output_storage = open_storage(spec.output.path, spec.storage)
+        self._expander = Expander(spec)
+
+    # ---- reading -------------------------------------------------------------------------
+    def _read(self, shard: ShardPlan) -> tuple[pa.Table, list[int], list[str], dict[int, str]]:
+        """The shard's input rows, their global indices, the file each came from, and
+        {shard row: reason} for rows whose data cannot be decoded (their table row holds
+        what could be read, nulls for the rest)."""
+        prompt_column = self.spec.input.prompt_column
+        parts, unreadable, position = [], {}, 0
+        for piece in shard.slices:
+            part, spans = read_slice_checked(self.input_storage, piece.path, piece.first,
+                                             piece.count, prompt_column)
+            for span in spans:
+                start = position + span.first - piece.first
+                unreadable.update((start + i, span.reason) for i in range(span.count))
+            parts.append(part)
+            position += piece.count
+        schema = shard.schema or unify([part.schema for part in parts], self.spec.input.path)
+        table = pa.concat_tables([conform(part, schema) for part in parts]) if parts \
+            else schema.empty_table()
+        global_rows = [s.offset + i for s in shard.slices for i in range(s.count)]
+        sources = [s.path for s in shard.slices for _ in range(s.count)]
+        return table, global_rows, sources, unreadable
+
+    def _unreadable_rejections(self, table: pa.Table, global_rows: list[int],
+                               id_column: str | None,
+                               unreadable: dict[int, str]) -> list[Rejection]:
+        """A rejection per undecodable row, with its id where the id could be read
+        (planning read the whole id column, so it can)."""
+        ids = table.column(id_column) if id_column and id_column in table.column_names else None
+        rejections = []
+        for row, reason in sorted(unreadable.items()):
+            try:
+                image_id = row_id(ids[row].as_py() if ids is not None else None,
+                                  global_rows[row], bool(id_column))
+            except ValueError:
+                image_id = None
+            rejections.append(Rejection(row, image_id, reason))
+        return rejections
+
     # ---- one shard ---------------------------------------------------------------------------
     def run(self, shard: ShardPlan) -> ShardResult:
         started = time.perf_counter()
@@ -255,25 +327,9 @@ class ShardWorker:
             table, global_rows, sources, unreadable = expand_table(
                 self._expander, shard, table, global_rows, sources, unreadable)
         load = self._init_image_loader(sources, skip=unreadable)
-        duplicates = dict(shard.duplicates)
-        tasks, rejected = check_rows(table, spec, global_rows, shard.id_column, duplicates, load)
-        if unreadable:  # their data is lost: the decode error is their one reason
-            tasks = [task for task in tasks if task.row not in unreadable]
-            rejected = [r for r in rejected if r.row not in unreadable]
-            rejected += self._unreadable_rejections(table, global_rows, shard.id_column,
-                                                    unreadable)
-        encoded, failed = self._generate_all(tasks)
-        ids_by_row: dict[int, str] = {}
-        for task in tasks:
-            ids_by_row.setdefault(task.row, task.id)  # a row's first image carries its own id
-        rejected += [Rejection(row, ids_by_row.get(row), reason) for row, reason in failed.items()]
-        # Reasons quote paths and library messages: keep credentials out of errors.parquet.
-        rejected = sorted((Rejection(r.row, r.id, redact_text(r.reason)) for r in rejected),
-                          key=lambda r: r.row)
-
-        kept = [(i, task) for i, task in enumerate(tasks) if task.row not in failed]
-        images = [encoded[i].result() for i, _ in kept]
-        output = self._output_table(table, [task for _, task in kept], images, shard)
+        lost = self._unreadable_rejections(table, global_rows, shard.id_column, unreadable)
+        output, rejected = self.convert(table, global_rows, shard.id_column,
+                                        dict(shard.duplicates), load, lost)
         data = SINKS[spec.output.format](output)
         errors = None
         if rejected:
@@ -296,36 +352,3 @@ class ShardWorker:
         commit_shard(self.output_storage, spec, shard, data, errors, record)
         return ShardResult(shard.name, output.num_rows, len(rejected), len(data), digest,
                            time.perf_counter() - started, self.worker_id)
-
-    def _output_table(self, table: pa.Table, tasks: list[ImageTask], images: list[bytes],
-                      shard: ShardPlan) -> pa.Table:
-        columns = {
-            "id": [t.id for t in tasks],
-            "prompt": [t.prompt for t in tasks],
-            "negative_prompt": [t.negative_prompt for t in tasks],
-            "seed": [t.seed for t in tasks],
-            "sampler": [t.sampler for t in tasks],
-            "steps": [t.steps for t in tasks],
-            "guidance_scale": [float(t.guidance_scale) for t in tasks],
-            "width": [t.width for t in tasks],
-            "height": [t.height for t in tasks],
-            "strength": [t.strength for t in tasks],
-            "model": [self.model] * len(tasks),
-            "loras": [[{"name": name, "sha256": sha, "weight": w}
-                       for name, sha, _, w in t.adapters] for t in tasks],
-            "image": images,
-            "image_format": [self.spec.output.image_format] * len(tasks),
-        }
-        fields = list(IMAGE_FIELDS)
-        arrays = [pa.array(columns[f.name], f.type) for f in fields]
-        source_rows = pa.array([t.row for t in tasks], pa.int64())
-        for in_name, out_name in passthrough_columns(table.schema, self.spec.input.prompt_column,
-                                                     shard.id_column):
-            column = table.column(in_name).take(source_rows)
-            fields.append(pa.field(out_name, column.type))
-            arrays.append(column.combine_chunks())
-        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-
-    def close(self) -> None:
-        self._encoder.shutdown(wait=True)
-

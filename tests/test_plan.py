@@ -295,9 +295,9 @@ def test_a_slow_local_ray_start_gets_a_hint(tmp_path, monkeypatch, capsys, fake_
     monkeypatch.setattr(runner, "_check_placeable", lambda spec: None)
     monkeypatch.setattr(runner, "_actor_options", lambda spec: {})
     monkeypatch.setattr(runner._Dispatch, "run", in_process)
-    assert runner.run_job(spec)["complete"]
+    assert runner.run_job(spec, in_process=False)["complete"]
     assert "for many small jobs keep one up with `ray start --head`" in capsys.readouterr().err
     # a Ray that was already up (or a start that is a small part of the job): no hint
     monkeypatch.setattr(runner, "ray_session", lambda address=None: contextlib.nullcontext(False))
-    assert runner.run_job(spec, overwrite=True)["complete"]
+    assert runner.run_job(spec, overwrite=True, in_process=False)["complete"]
     assert "ray start --head" not in capsys.readouterr().err

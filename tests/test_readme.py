@@ -38,6 +38,8 @@ SKIPPED = {
                   "job's commands below instead"),
     ("README.md", "needs Stable Diffusion 1.5 weights and a GPU"),
     ("README.md", "needs an AWS account and a GPU cluster"),
+    ("README.md", "needs Docker and a Kubernetes cluster with KubeRay and GPU nodes"),
+    ("README.md", "a pipeline of its own; tests/test_ray_data.py runs this against ldm-jobs run"),
     ("docs/cli.md", "needs a Ray cluster with its dashboard reachable"),
 }
 # document -> {text in a runnable block: what runs instead}, to keep the cost down.

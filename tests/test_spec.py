@@ -66,7 +66,7 @@ def test_set_overrides_are_typed(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("sampling.stepz=3", "sampling.stepz: unknown field"),
     ("bogus=1", "bogus: unknown field"),
-    ("compute.actors=many", "compute.actors: Input should be a valid integer"),
+    ("compute.actors=many", "compute.actors: a whole number of actors >= 1, or auto"),
     ("sampling.steps=0", "sampling.steps: Input should be greater than or equal to 1"),
     ("sampling.steps=1001", "sampling.steps: Input should be less than or equal to 1000"),
     ("sampling.width=7", "sampling.width: must be a multiple of 8"),
@@ -81,7 +81,9 @@ def test_set_overrides_are_typed(tmp_path):
     ("output.rows_per_shard=0", "output.rows_per_shard: Input should be greater than"),
     ("output.image_format=gif", "output.image_format: Input should be 'png', 'jpeg' or 'webp'"),
     ("output.format=csv", "output.format: Input should be 'parquet' or 'webdataset'"),
-    ("compute.actors=0", "compute.actors: Input should be greater than or equal to 1"),
+    ("compute.actors=0", "compute.actors: a whole number of actors >= 1, or auto (got 0)"),
+    ("compute.actors=true", "compute.actors: a whole number of actors >= 1, or auto (got True)"),
+    ("compute.max_actors=0", "compute.max_actors: Input should be greater than or equal to 1"),
     ("compute.dtype=int8", "compute.dtype: Input should be 'float32', 'float16' or 'bfloat16'"),
     ("storage.secret_access_key=x", "storage.secret_access_key: unknown field"),
     ("sampling.steps.deep=1", "sampling.steps: Input should be a valid integer"),
@@ -158,7 +160,7 @@ def test_secret_environment_values_are_redacted(monkeypatch):
 @pytest.mark.parametrize("section, values, message", [
     ("sampling", {"steps": True}, "sampling.steps: must be a number, not a boolean"),
     ("sampling", {"guidance_scale": True}, "sampling.guidance_scale: must be a number"),
-    ("compute", {"actors": "yes"}, "compute.actors: Input should be a valid integer"),
+    ("compute", {"actors": "yes"}, "compute.actors: a whole number of actors >= 1, or auto"),
     ("compute", {"gpus_per_actor": float("inf")}, "compute.gpus_per_actor: Input should be a "
      "finite number"),
     ("sampling", {"seed": 2**64 + 1}, "sampling.seed: Input should be less than or equal to"),
