@@ -181,9 +181,10 @@ def check_source(source: str, storage=None) -> None:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise weights.CheckpointError(f"{path}: not a diffusers folder (no model_index.json)")
-        weights._folder_configs(path)
+        configs = weights._folder_configs(path)
         for component in weights._MODELS:
-            weights._folder_weights(path, component, torch.float32)
+            if component in configs:  # as loading does: text encoders the folder has
+                weights._folder_weights(path, component, torch.float32)
         return
     weights._single_file_parts(path, weights._open_source(path), {}, weights._Problems())
 
