@@ -9,6 +9,10 @@ The one place that knows how each family turns text into conditioning:
   six time ids per row, ``original_size + crops_coords_top_left + target_size``. An empty
   negative prompt is all zeros where the model's ``force_zeros_for_empty_prompt`` is set
   (what diffusers does for ``negative_prompt=None``).
+  In the web UI's syntax (``encode_chunked``) both encoders read the same chunks, each
+  with its own BOS/EOS/pad; each encoder's hidden states are weighted and rescaled on
+  their own before the two are joined; the pooled embedding is the first chunk's,
+  unweighted, as the web UI takes it.
 - the SDXL refiner: ``text_encoder_2`` alone, and five time ids with the aesthetic score
   (6.0, negative 2.5) in place of the target size.
 
@@ -24,6 +28,9 @@ from typing import Any
 
 import torch
 
+from . import prompt_encoding
+from .prompts import Chunk
+
 SDXL_FAMILIES = ("sdxl", "sdxl_refiner")
 # generate()'s micro-conditioning arguments and their defaults (None: from the image size)
 OPTIONS = {"original_size": None, "crops_coords_top_left": (0, 0), "target_size": None,
@@ -37,6 +44,7 @@ class Conditioning:
     context: torch.Tensor  # (N, T, D)
     pooled: torch.Tensor | None = None  # (N, P), SDXL
     time_ids: torch.Tensor | None = None  # (N, 6) or (N, 5), SDXL
+    context_mask: torch.Tensor | None = None  # (N, T), True on real keys; None: all are
 
     def unet_kwargs(self) -> dict[str, torch.Tensor]:
         if self.pooled is None:
@@ -59,34 +67,49 @@ class TextEncoders:
     def is_sdxl(self) -> bool:
         return self.family in SDXL_FAMILIES
 
-    def encode(self, texts: list[str], to_device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(context (B, T, D), pooled (B, P) or None) for a list of texts."""
-        if not self.is_sdxl:
-            tokenizer, encoder = self.encoders[0]
-            return encoder(to_device(tokenizer(texts))), None
+    def run(self, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: each encoder's penultimate hidden states for its own ids (N, T), joined
+        along the features, and text_encoder_2's pooled, projected embedding (N, P)."""
         hidden, pooled = [], None
-        for tokenizer, encoder in self.encoders:
-            ids = to_device(tokenizer(texts))
+        for (_, encoder), rows in zip(self.encoders, ids):
             if hasattr(encoder, "penultimate_and_pooled"):
-                h, pooled = encoder.penultimate_and_pooled(ids)
+                h, pooled = encoder.penultimate_and_pooled(rows)
             else:
-                h = encoder.penultimate(ids)[0]
+                h = encoder.penultimate(rows)[0]
             hidden.append(h)
         return torch.cat(hidden, dim=-1), pooled
 
+    def chunks(self, text: str) -> tuple[Chunk, ...]:
+        """A text in the web UI's syntax, chunked. SDXL's two tokenizers share CLIP's
+        vocabulary (only their pad tokens differ), so the first one's chunks are both's."""
+        return prompt_encoding.text_chunks(text, self.encoders[0][0])
+
+
+def encode_chunked(text: TextEncoders, chunked: Sequence[Sequence[Chunk]], run
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """SDXL in the web UI's syntax: one context (chunks x T, D) per text and the pooled
+    embeddings (B, P). ``run(ids per encoder)`` is ``TextEncoders.run`` (the caller may
+    group its rows); every chunk of every text goes through it in one call."""
+    flat = [chunk for chunks in chunked for chunk in chunks]
+    hidden, pooled = run([prompt_encoding.chunk_ids(flat, tokenizer) for tokenizer, _ in text.encoders])
+    weights = prompt_encoding.chunk_weights(flat, hidden.shape[1])
+    # the mean restored is each encoder's own: rescale the two feature blocks apart
+    widths = [encoder.config.hidden_size for _, encoder in text.encoders]
+    hidden = torch.cat([prompt_encoding.emphasize(h, weights) for h in hidden.split(widths, dim=-1)], dim=-1)
+    return prompt_encoding.per_text(hidden, chunked), pooled[prompt_encoding.first_chunks(chunked)]
+
 
 def pack(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """One text's (77, D) context and (P,) pooled embedding as one flat tensor: the
+    """One text's (S, D) context and (P,) pooled embedding as one flat tensor: the
     pipeline's text cache keeps one tensor per text."""
     return torch.cat([context.reshape(-1), pooled.reshape(-1)])
 
 
-def unpack(rows: list[torch.Tensor], text: TextEncoders) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pack``'s rows back as (context (B, 77, D), pooled (B, P))."""
+def unpack(row: torch.Tensor, text: TextEncoders) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``pack``ed row back as (context (S, D), pooled (P,))."""
     pooled_dim = text.encoders[-1][1].config.projection_dim
     width = sum(encoder.config.hidden_size for _, encoder in text.encoders)
-    stacked = torch.stack(rows)
-    return stacked[:, :-pooled_dim].reshape(len(rows), -1, width), stacked[:, -pooled_dim:]
+    return row[:-pooled_dim].reshape(-1, width), row[-pooled_dim:]
 
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -122,31 +145,26 @@ def time_ids(family: str, height: int, width: int, options: dict[str, Any], nega
 def build(text: TextEncoders, encode, prompts: list[str], negatives: list[str], guided: bool,
           height: int, width: int, options: dict[str, Any], dtype: torch.dtype,
           device: torch.device) -> Conditioning:
-    """The conditioning of one call: ``encode(texts) -> (context, pooled)`` (cached by the
-    pipeline); rows ``[negatives; prompts]`` when any row is guided, else prompts alone."""
-    if not guided:
-        context, pooled = encode(prompts)
-        rows = [(False, len(prompts))]
-    elif not text.force_zeros_for_empty_prompt:
-        context, pooled = encode([*negatives, *prompts])
-        rows = [(True, len(negatives)), (False, len(prompts))]
-    else:
-        # an empty negative is all zeros, context and pooled alike (never encoded)
-        encoded = [n for n in negatives if n != ""]
-        context, pooled = encode([*encoded, *prompts])
-        n_neg = len(encoded)
-        zero_ctx, zero_pool = torch.zeros_like(context[:1]), torch.zeros_like(pooled[:1])
-        order, k = [], 0
-        for n in negatives:
-            order.append(None if n == "" else k)
-            k += n != ""
-        neg_ctx = torch.cat([zero_ctx if i is None else context[i : i + 1] for i in order])
-        neg_pool = torch.cat([zero_pool if i is None else pooled[i : i + 1] for i in order])
-        context = torch.cat([neg_ctx, context[n_neg:]])
-        pooled = torch.cat([neg_pool, pooled[n_neg:]])
-        rows = [(True, len(negatives)), (False, len(prompts))]
+    """The conditioning of one call: ``encode(texts) -> (contexts, pooled)``, one context
+    (S_i, D) per text and the pooled embeddings (B, P) or None (cached by the pipeline);
+    rows ``[negatives; prompts]`` when any row is guided, else prompts alone. Contexts of
+    different lengths are padded, with the key mask that hides the padding."""
+    rows = [(True, negatives), (False, prompts)] if guided else [(False, prompts)]
+    # an empty negative is all zeros where the model says so, context and pooled alike
+    # (never encoded; one chunk long: zero keys and values attend to zero at any length)
+    zeroed = [negative and text.force_zeros_for_empty_prompt and t == ""
+              for negative, texts in rows for t in texts]
+    texts = [t for _, texts in rows for t in texts]
+    contexts, pooled = encode([t for t, zero in zip(texts, zeroed) if not zero])
+    if any(zeroed):
+        found = iter(zip(contexts, pooled))
+        zero = (torch.zeros_like(contexts[0][: text.encoders[0][0].model_max_length]), torch.zeros_like(pooled[0]))
+        contexts, pooled = zip(*[zero if z else next(found) for z in zeroed])
+        pooled = torch.stack(pooled)
+    context, mask = prompt_encoding.pad_contexts(contexts)
     if not text.is_sdxl:
-        return Conditioning(context)
+        return Conditioning(context, context_mask=mask)
     ids = [time_ids(text.family, height, width, options, negative)
-           for negative, n in rows for _ in range(n)]
-    return Conditioning(context, pooled, torch.tensor(ids, dtype=dtype, device=device))
+           for negative, texts in rows for _ in texts]
+    return Conditioning(context, pooled, torch.tensor(ids, dtype=dtype, device=device),
+                        None if mask is None else mask.to(device))

@@ -245,9 +245,8 @@ class Pipeline:
         if unknown:
             raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
         request.extra.update(conditioning.check_options(micro_conditioning))
-        if self.text.is_sdxl and (prompt_syntax != "plain" or loras is not None):
-            raise ValueError(f"{self.family}: prompt_syntax={prompt_syntax!r} and loras= are not supported "
-                             "for SDXL yet (plain prompts only)")
+        if self.text.is_sdxl and loras is not None:
+            raise ValueError(f"{self.family}: loras= is not supported for SDXL yet")
         if loras is not None:  # one {source: weight} per prompt; see lora_rows
             from . import lora_rows
 
@@ -420,14 +419,19 @@ class Pipeline:
         return self._encode_ids(self.tokenizer(texts)).to(self.dtype)  # (B, 77, D)
 
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """The text encoder's output for rows of ids (N, 77), in groups of exactly
-        TEXT_ENCODE_GROUP rows."""
+        """The text encoder's output for rows of ids (N, 77)."""
+        return self._in_groups(lambda rows: (self.text_encoder(rows[0]),), [ids])[0]
+
+    def _in_groups(self, run, ids: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``run(ids on the device) -> tensors`` over rows of ids (N, 77) in groups of
+        exactly TEXT_ENCODE_GROUP rows (the last padded), the outputs joined."""
         groups = []
-        for i in range(0, ids.shape[0], TEXT_ENCODE_GROUP):
-            group = ids[i : i + TEXT_ENCODE_GROUP]
-            padded = torch.cat([group, group[-1:].expand(TEXT_ENCODE_GROUP - len(group), -1)])
-            groups.append(self.text_encoder(self._to_device(padded))[: len(group)])
-        return torch.cat(groups)
+        for i in range(0, ids[0].shape[0], TEXT_ENCODE_GROUP):
+            group = [x[i : i + TEXT_ENCODE_GROUP] for x in ids]
+            n = group[0].shape[0]
+            out = run([self._to_device(torch.cat([g, g[-1:].expand(TEXT_ENCODE_GROUP - n, -1)])) for g in group])
+            groups.append([o[:n] for o in out])
+        return tuple(torch.cat(parts) for parts in zip(*groups))
 
     def text_context(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The UNet context for one call, its key mask (None: every key is real), and
@@ -435,22 +439,31 @@ class Pipeline:
         cond, mask, guided = self.unet_conditioning(request)
         return cond.context, mask, guided
 
-    def sdxl_prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDXL: (context (B, 77, D), pooled (B, P)) in the pipeline's dtype, through the
+    def sdxl_prompts(self, texts: list[str], syntax: str = "plain") -> tuple[list[torch.Tensor], torch.Tensor]:
+        """SDXL: one context (S_i, D) per text (77 tokens plain, 77 per chunk in the web
+        UI's syntax) and the pooled embeddings (B, P), in the pipeline's dtype, through the
         text cache (one entry per text holds both, packed flat: ``conditioning.pack``)."""
-        def encode(keys: list) -> list[torch.Tensor]:
-            rows = []
-            for i in range(0, len(keys), TEXT_ENCODE_GROUP):  # fixed groups, as _encode_ids
-                group = [text for _, text in keys[i : i + TEXT_ENCODE_GROUP]]
-                padded = group + [group[-1]] * (TEXT_ENCODE_GROUP - len(group))
-                context, pooled = self.text.encode(padded, self._to_device)
-                rows += [conditioning.pack(c, p) for c, p in
-                         zip(context[: len(group)].to(self.dtype), pooled[: len(group)].to(self.dtype))]
-            return rows
+        def run(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._in_groups(self.text.run, rows)
 
-        keys = [("sdxl", text) for text in texts]
-        rows = self._cached(keys, encode) if self.text_cache_size > 0 else encode(keys)
-        return conditioning.unpack(rows, self.text)
+        if syntax == "plain":
+            keys: list = [("sdxl", text) for text in texts]
+
+            def encode(missing: list) -> list[torch.Tensor]:
+                context, pooled = run([tokenizer([t for _, t in missing]) for tokenizer, _ in self.text.encoders])
+                return list(zip(context, pooled))
+        else:
+            keys = [("sdxl-a1111", self.text.chunks(text)) for text in texts]
+
+            def encode(missing: list) -> list[torch.Tensor]:
+                return list(zip(*conditioning.encode_chunked(self.text, [c for _, c in missing], run)))
+
+        def packed(missing: list) -> list[torch.Tensor]:
+            return [conditioning.pack(c.to(self.dtype), p.to(self.dtype)) for c, p in encode(missing)]
+
+        rows = self._cached(keys, packed) if self.text_cache_size > 0 else packed(keys)
+        unpacked = [conditioning.unpack(row, self.text) for row in rows]
+        return [c for c, _ in unpacked], torch.stack([p for _, p in unpacked])
 
     def unet_conditioning(self, request: GenerationRequest) -> tuple[conditioning.Conditioning,
                                                                     torch.Tensor | None, torch.Tensor]:
@@ -464,9 +477,10 @@ class Pipeline:
         guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
         if self.text.is_sdxl:
             cond = conditioning.build(
-                self.text, self.sdxl_prompts, request.prompts, request.negative_prompts,
-                bool(guided.any()), request.height, request.width, request.extra, self.dtype, self.device)
-            return cond, None, guided
+                self.text, lambda texts: self.sdxl_prompts(texts, request.prompt_syntax), request.prompts,
+                request.negative_prompts, bool(guided.any()), request.height, request.width, request.extra,
+                self.dtype, self.device)
+            return cond, cond.context_mask, guided
         texts, loras = request.prompts, request.loras
         if bool(guided.any()):  # one text-encoder pass over the prompts and negatives
             texts = [*request.negative_prompts, *request.prompts]

@@ -75,13 +75,22 @@ def encode_chunks(
     states (N, T, D); all the texts' chunks go through it in one call."""
     flat = [chunk for chunks in chunked for chunk in chunks]
     hidden = encode_ids(chunk_ids(flat, tokenizer))
-    hidden = emphasize(hidden, chunk_weights(flat, hidden.shape[1]))
-    out, start = [], 0
+    return per_text(emphasize(hidden, chunk_weights(flat, hidden.shape[1])), chunked)
+
+
+def first_chunks(chunked: Sequence[Sequence[Chunk]]) -> list[int]:
+    """Where each text's first chunk is among all the texts' chunks, in order."""
+    starts, start = [], 0
     for chunks in chunked:
-        part = hidden[start : start + len(chunks)]
-        out.append(part.reshape(-1, part.shape[-1]))
+        starts.append(start)
         start += len(chunks)
-    return out
+    return starts
+
+
+def per_text(hidden: torch.Tensor, chunked: Sequence[Sequence[Chunk]]) -> list[torch.Tensor]:
+    """All the texts' chunk states (N, T, D) -> one (chunks x T, D) per text."""
+    return [hidden[start : start + len(chunks)].reshape(-1, hidden.shape[-1])
+            for start, chunks in zip(first_chunks(chunked), chunked)]
 
 
 def pad_contexts(contexts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

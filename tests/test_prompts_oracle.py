@@ -118,6 +118,13 @@ def oracle_chunks(text, hf_tokenizer):
     return chunks
 
 
+def emphasized(z, mults):
+    """The web UI's "Original" emphasis of one chunk's states (1, 77, D)."""
+    original_mean = z.mean()
+    z = z * torch.tensor(mults).reshape(1, -1, 1)
+    return z * (original_mean / z.mean())
+
+
 @torch.no_grad()
 def oracle_embeds(texts, ref):
     """One (1, chunks x 77, D) embedding per text; every chunk through the encoder in one
@@ -129,11 +136,7 @@ def oracle_embeds(texts, ref):
     for chunks in chunked:
         parts = []
         for (_, mults), z in zip(chunks, hidden[start : start + len(chunks)]):
-            z = z[None]  # (1, 77, D): the web UI's batch of one
-            original_mean = z.mean()
-            z = z * torch.tensor(mults).reshape(1, -1, 1)
-            z = z * (original_mean / z.mean())
-            parts.append(z)
+            parts.append(emphasized(z[None], mults))  # (1, 77, D): the web UI's batch of one
         out.append(torch.cat(parts, dim=1))
         start += len(chunks)
     return out
@@ -166,16 +169,17 @@ def oracle_images(ref, rows):
 
 
 @torch.no_grad()
-def separate_branches_images(ref, cond, uncond, generators):
-    """CFG with the two branches in separate UNet calls (Euler: no noise after the first draw)."""
+def separate_branches_images(ref, cond, uncond, generators, added=({}, {})):
+    """CFG with the two branches in separate UNet calls (Euler: no noise after the first draw);
+    ``added``: each branch's other UNet arguments (SDXL's ``added_cond_kwargs``)."""
     scheduler = diffusers_scheduler(SAMPLER, ref.scheduler_config)
     scheduler.set_timesteps(STEPS)
     latents = torch.cat([torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=g) for g in generators])
     latents = latents * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
-        eps_u = ref.unet(x, t, encoder_hidden_states=uncond).sample
-        eps_c = ref.unet(x, t, encoder_hidden_states=cond).sample
+        eps_u = ref.unet(x, t, encoder_hidden_states=uncond, **added[0]).sample
+        eps_c = ref.unet(x, t, encoder_hidden_states=cond, **added[1]).sample
         latents = scheduler.step(eps_u + GUIDANCE * (eps_c - eps_u), t, latents).prev_sample
     image = ref.vae.decode(latents / ref.vae.config.scaling_factor).sample
     image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
@@ -283,10 +287,10 @@ def ours(pipe, rows, batch=16):
     return [np.asarray(im) for im in images]
 
 
-def check_against_oracle(ref, pipe, rows):
+def check_against_oracle(ref, pipe, rows, oracle=oracle_images):
     mine = ours(pipe, rows)
     worst = 0
-    for (prompt, negative, _), image, expected in zip(rows, mine, oracle_images(ref, rows)):
+    for (prompt, negative, _), image, expected in zip(rows, mine, oracle(ref, rows)):
         diff = int(np.abs(image.astype(np.int16) - expected.astype(np.int16)).max())
         assert diff <= 2, f"{diff}/255 on {prompt!r} / {negative!r}"
         worst = max(worst, diff)

@@ -77,7 +77,8 @@ def test_family_and_components_match_transformers_and_diffusers(sdxl):
     with torch.no_grad():
         out_1 = ref.text_encoder(ids_1, output_hidden_states=True)
         out_2 = ref.text_encoder_2(ids_2, output_hidden_states=True)
-        context, pooled = pipe.sdxl_prompts(PROMPTS)
+        contexts, pooled = pipe.sdxl_prompts(PROMPTS)
+        context = torch.stack(contexts)
         torch.testing.assert_close(context, torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], -1),
                                    atol=1e-4, rtol=0)
         torch.testing.assert_close(pooled, out_2.text_embeds, atol=1e-4, rtol=0)
