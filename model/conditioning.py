@@ -121,19 +121,25 @@ def time_ids(family: str, height: int, width: int, options: dict[str, Any], nega
 
 def build(text: TextEncoders, encode, prompts: list[str], negatives: list[str], guided: bool,
           height: int, width: int, options: dict[str, Any], dtype: torch.dtype,
-          device: torch.device) -> Conditioning:
-    """The conditioning of one call: ``encode(texts) -> (context, pooled)`` (cached by the
-    pipeline); rows ``[negatives; prompts]`` when any row is guided, else prompts alone."""
+          device: torch.device, loras: list | None = None) -> Conditioning:
+    """The conditioning of one call: ``encode(texts, sets) -> (context, pooled)`` (cached
+    by the pipeline; ``sets``: each text's row's LoRA set, or None); rows ``[negatives;
+    prompts]`` when any row is guided, else prompts alone."""
+    def sets(rows: list[int]) -> list | None:
+        return None if loras is None else [loras[i] for i in rows]
+
+    every = list(range(len(prompts)))
     if not guided:
-        context, pooled = encode(prompts)
+        context, pooled = encode(prompts, sets(every))
         rows = [(False, len(prompts))]
     elif not text.force_zeros_for_empty_prompt:
-        context, pooled = encode([*negatives, *prompts])
+        context, pooled = encode([*negatives, *prompts], sets(every + every))
         rows = [(True, len(negatives)), (False, len(prompts))]
     else:
-        # an empty negative is all zeros, context and pooled alike (never encoded)
-        encoded = [n for n in negatives if n != ""]
-        context, pooled = encode([*encoded, *prompts])
+        # an empty negative is all zeros, context and pooled alike (never encoded), LoRA or not
+        kept = [i for i, n in enumerate(negatives) if n != ""]
+        encoded = [negatives[i] for i in kept]
+        context, pooled = encode([*encoded, *prompts], sets(kept + every))
         n_neg = len(encoded)
         zero_ctx, zero_pool = torch.zeros_like(context[:1]), torch.zeros_like(pooled[:1])
         order, k = [], 0

@@ -245,8 +245,8 @@ class Pipeline:
         if unknown:
             raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
         request.extra.update(conditioning.check_options(micro_conditioning))
-        if self.text.is_sdxl and (prompt_syntax != "plain" or loras is not None):
-            raise ValueError(f"{self.family}: prompt_syntax={prompt_syntax!r} and loras= are not supported "
+        if self.text.is_sdxl and prompt_syntax != "plain":
+            raise ValueError(f"{self.family}: prompt_syntax={prompt_syntax!r} is not supported "
                              "for SDXL yet (plain prompts only)")
         if loras is not None:  # one {source: weight} per prompt; see lora_rows
             from . import lora_rows
@@ -435,9 +435,20 @@ class Pipeline:
         cond, mask, guided = self.unet_conditioning(request)
         return cond.context, mask, guided
 
-    def sdxl_prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sdxl_prompts(self, texts: list[str], adapters: Sequence | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL: (context (B, 77, D), pooled (B, P)) in the pipeline's dtype, through the
-        text cache (one entry per text holds both, packed flat: ``conditioning.pack``)."""
+        text cache (one entry per text holds both, packed flat: ``conditioning.pack``).
+        ``adapters``: one LoRA set per text; both encoders are patched per set
+        (``lora_rows.encode_rows``), the cache keyed by it."""
+        return conditioning.unpack(self._sdxl_rows(list(texts), adapters), self.text)
+
+    def _sdxl_rows(self, texts: list[str], adapters: Sequence | None = None) -> list[torch.Tensor]:
+        if adapters is not None and any(adapters):
+            from . import lora_rows
+
+            return lora_rows.encode_rows(self, texts, adapters, self._sdxl_rows)
+
         def encode(keys: list) -> list[torch.Tensor]:
             rows = []
             for i in range(0, len(keys), TEXT_ENCODE_GROUP):  # fixed groups, as _encode_ids
@@ -449,8 +460,7 @@ class Pipeline:
             return rows
 
         keys = [("sdxl", text) for text in texts]
-        rows = self._cached(keys, encode) if self.text_cache_size > 0 else encode(keys)
-        return conditioning.unpack(rows, self.text)
+        return self._cached(keys, encode) if self.text_cache_size > 0 else encode(keys)
 
     def unet_conditioning(self, request: GenerationRequest) -> tuple[conditioning.Conditioning,
                                                                     torch.Tensor | None, torch.Tensor]:
@@ -465,7 +475,8 @@ class Pipeline:
         if self.text.is_sdxl:
             cond = conditioning.build(
                 self.text, self.sdxl_prompts, request.prompts, request.negative_prompts,
-                bool(guided.any()), request.height, request.width, request.extra, self.dtype, self.device)
+                bool(guided.any()), request.height, request.width, request.extra, self.dtype, self.device,
+                request.loras)
             return cond, None, guided
         texts, loras = request.prompts, request.loras
         if bool(guided.any()):  # one text-encoder pass over the prompts and negatives
