@@ -144,18 +144,23 @@ def time_ids(family: str, height: int, width: int, options: dict[str, Any], nega
 
 def build(text: TextEncoders, encode, prompts: list[str], negatives: list[str], guided: bool,
           height: int, width: int, options: dict[str, Any], dtype: torch.dtype,
-          device: torch.device) -> Conditioning:
-    """The conditioning of one call: ``encode(texts) -> (contexts, pooled)``, one context
-    (S_i, D) per text and the pooled embeddings (B, P) or None (cached by the pipeline);
-    rows ``[negatives; prompts]`` when any row is guided, else prompts alone. Contexts of
-    different lengths are padded, with the key mask that hides the padding."""
+          device: torch.device, loras: list | None = None) -> Conditioning:
+    """The conditioning of one call: ``encode(texts, sets) -> (contexts, pooled)``, one
+    context (S_i, D) per text and the pooled embeddings (B, P) or None (cached by the
+    pipeline; ``sets``: each text's row's LoRA set, or None); rows ``[negatives; prompts]``
+    when any row is guided, else prompts alone. Contexts of different lengths are padded,
+    with the key mask that hides the padding."""
     rows = [(True, negatives), (False, prompts)] if guided else [(False, prompts)]
     # an empty negative is all zeros where the model says so, context and pooled alike
-    # (never encoded; one chunk long: zero keys and values attend to zero at any length)
+    # (never encoded, LoRA or not; one chunk long: zero keys and values attend to zero at
+    # any length)
     zeroed = [negative and text.force_zeros_for_empty_prompt and t == ""
               for negative, texts in rows for t in texts]
     texts = [t for _, texts in rows for t in texts]
-    contexts, pooled = encode([t for t, zero in zip(texts, zeroed) if not zero])
+    row_sets = None if loras is None else [loras[i] for _, texts in rows for i in range(len(texts))]
+    kept = [i for i, zero in enumerate(zeroed) if not zero]
+    contexts, pooled = encode([texts[i] for i in kept],
+                              None if row_sets is None else [row_sets[i] for i in kept])
     if any(zeroed):
         found = iter(zip(contexts, pooled))
         zero = (torch.zeros_like(contexts[0][: text.encoders[0][0].model_max_length]), torch.zeros_like(pooled[0]))

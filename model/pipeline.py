@@ -245,8 +245,6 @@ class Pipeline:
         if unknown:
             raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
         request.extra.update(conditioning.check_options(micro_conditioning))
-        if self.text.is_sdxl and loras is not None:
-            raise ValueError(f"{self.family}: loras= is not supported for SDXL yet")
         if loras is not None:  # one {source: weight} per prompt; see lora_rows
             from . import lora_rows
 
@@ -439,10 +437,25 @@ class Pipeline:
         cond, mask, guided = self.unet_conditioning(request)
         return cond.context, mask, guided
 
-    def sdxl_prompts(self, texts: list[str], syntax: str = "plain") -> tuple[list[torch.Tensor], torch.Tensor]:
+    def sdxl_prompts(self, texts: list[str], syntax: str = "plain", adapters: Sequence | None = None
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """SDXL: one context (S_i, D) per text (77 tokens plain, 77 per chunk in the web
         UI's syntax) and the pooled embeddings (B, P), in the pipeline's dtype, through the
-        text cache (one entry per text holds both, packed flat: ``conditioning.pack``)."""
+        text cache (one entry per text holds both, packed flat: ``conditioning.pack``).
+        ``adapters``: one LoRA set per text; both encoders are patched per set
+        (``lora_rows.encode_rows``), the cache keyed by it."""
+        unpacked = [conditioning.unpack(row, self.text)
+                    for row in self._sdxl_rows(list(texts), syntax, adapters)]
+        return [c for c, _ in unpacked], torch.stack([p for _, p in unpacked])
+
+    def _sdxl_rows(self, texts: list[str], syntax: str,
+                   adapters: Sequence | None = None) -> list[torch.Tensor]:
+        if adapters is not None and any(adapters):
+            from . import lora_rows
+
+            return lora_rows.encode_rows(self, texts, adapters,
+                                         lambda group: self._sdxl_rows(group, syntax))
+
         def run(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
             return self._in_groups(self.text.run, rows)
 
@@ -461,9 +474,7 @@ class Pipeline:
         def packed(missing: list) -> list[torch.Tensor]:
             return [conditioning.pack(c.to(self.dtype), p.to(self.dtype)) for c, p in encode(missing)]
 
-        rows = self._cached(keys, packed) if self.text_cache_size > 0 else packed(keys)
-        unpacked = [conditioning.unpack(row, self.text) for row in rows]
-        return [c for c, _ in unpacked], torch.stack([p for _, p in unpacked])
+        return self._cached(keys, packed) if self.text_cache_size > 0 else packed(keys)
 
     def unet_conditioning(self, request: GenerationRequest) -> tuple[conditioning.Conditioning,
                                                                     torch.Tensor | None, torch.Tensor]:
@@ -477,9 +488,9 @@ class Pipeline:
         guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
         if self.text.is_sdxl:
             cond = conditioning.build(
-                self.text, lambda texts: self.sdxl_prompts(texts, request.prompt_syntax), request.prompts,
-                request.negative_prompts, bool(guided.any()), request.height, request.width, request.extra,
-                self.dtype, self.device)
+                self.text, lambda texts, sets: self.sdxl_prompts(texts, request.prompt_syntax, sets),
+                request.prompts, request.negative_prompts, bool(guided.any()), request.height,
+                request.width, request.extra, self.dtype, self.device, request.loras)
             return cond, cond.context_mask, guided
         texts, loras = request.prompts, request.loras
         if bool(guided.any()):  # one text-encoder pass over the prompts and negatives

@@ -92,3 +92,45 @@ def save_safetensors(path: Path, state: dict[str, torch.Tensor], metadata=None) 
 def kohya_name(module_path: str, prefix: str = "lora_unet_") -> str:
     """sd-scripts' name of a module: the prefix and the path with `_` for `.`."""
     return prefix + module_path.replace(".", "_")
+
+
+def kohya_sdxl_state(unet_state=None, text_state=None, text_2_state=None, alpha: float = 2.0,
+                     original_name=None) -> dict[str, torch.Tensor]:
+    """An SDXL file as sd-scripts writes it: `lora_unet_` with the UNet's modules in the
+    original (SGM) layout, `input_blocks_4_1_transformer_blocks_0_attn1_to_q` (from
+    ``original_name``: diffusers module path -> original one), `lora_te1_` / `lora_te2_`
+    for the two text encoders, and one alpha for all. Converted by diffusers'
+    ``convert_state_dict_to_kohya``."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    def renamed(key: str) -> str:
+        module, _, role = key.rpartition(".lora_")
+        return f"{original_name(module)}.lora_{role}"
+
+    peft = {**{f"unet.{renamed(k)}": v for k, v in (unet_state or {}).items()},
+            **{f"text_encoder.{k}": v for k, v in (text_state or {}).items()},
+            **{f"text_encoder_2.{k}": v for k, v in (text_2_state or {}).items()}}
+    kohya = {k: v.contiguous() for k, v in convert_state_dict_to_kohya(peft).items()}
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        kohya[key] = torch.tensor(float(alpha))
+    return kohya
+
+
+def save_peft_sdxl(path: Path, unet_state=None, text_state=None, text_2_state=None,
+                   alpha: float | None = None, rank: int = 4) -> Path:
+    """diffusers' SDXL writer (`unet.`, `text_encoder.`, `text_encoder_2.`), with the
+    LoraConfig metadata it records when ``alpha`` is given."""
+    from diffusers import StableDiffusionXLPipeline
+
+    def meta(state, endings):
+        if alpha is None or not state:
+            return None
+        return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(endings)}
+
+    StableDiffusionXLPipeline.save_lora_weights(
+        path.parent, unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
+        text_encoder_2_lora_layers=text_2_state, weight_name=path.name,
+        unet_lora_adapter_metadata=meta(unet_state, UNET_ATTENTION),
+        text_encoder_lora_adapter_metadata=meta(text_state, TEXT),
+        text_encoder_2_lora_adapter_metadata=meta(text_2_state, TEXT))
+    return path
