@@ -83,6 +83,10 @@ class GenerationRequest:
     prompt_syntax: str = "plain"
     extra: dict = field(default_factory=dict)
     loras: list | None = None  # per row: a tuple of (Adapter, weight), see lora_rows
+    # a two-stage run: (start, end) fractions of the schedule this stage runs, and for the
+    # second stage the first stage's latents (see ``generate``'s ``refiner``)
+    window: tuple[float | None, float | None] = (None, None)
+    init_latents: torch.Tensor | None = None
 
 
 class Pipeline:
@@ -222,6 +226,8 @@ class Pipeline:
         loras: Sequence[dict[str, float]] | None = None,
         *,
         seed: int | None = None,
+        refiner: Pipeline | None = None,
+        switch_at: float = 0.8,
         **micro_conditioning: Any,
     ) -> list[Image.Image]:
         """One image per prompt; each image's ``info["seed"]`` is the seed it was drawn from.
@@ -234,6 +240,11 @@ class Pipeline:
         row with seed s and several images per prompt), or neither (prompt i gets the seed a
         job with ``sampling.seed: 0`` derives for row i of an input without ids).
         ``width``/``height`` left out: the model's ``native_size``.
+
+        ``refiner``: a second pipeline in the same latent space (the SDXL refiner) takes the
+        latents over at ``switch_at`` of the schedule and decodes them, as diffusers'
+        ensemble of experts (base ``denoising_end`` -> refiner ``denoising_start``). Each
+        stage draws from its own fresh generator per row seed.
         """
         native_width, native_height = self.native_size
         request = self.check(
@@ -249,17 +260,43 @@ class Pipeline:
             from . import lora_rows
 
             request.loras = lora_rows.resolve(self, loras, len(request.prompts))
+        if refiner is not None:
+            self._check_refiner(refiner, switch_at, request)
         if not self.batch_bucket:
-            images = self.decode(self._denoise(request))
+            decoder, latents = self._stages(request, refiner, switch_at)
+            images = decoder.decode(latents)
         else:
             images = []
             for part in _split(request, self.batch_bucket):
                 rows = len(part.prompts)
-                latents = self._denoise(_pad(part, self.batch_bucket))
-                images += self.decode(latents[:rows])
+                decoder, latents = self._stages(_pad(part, self.batch_bucket), refiner, switch_at)
+                images += decoder.decode(latents[:rows])
         for image, row_seed in zip(images, request.seeds):
             image.info["seed"] = row_seed
         return images
+
+    def _check_refiner(self, refiner: Pipeline, switch_at: float, request: GenerationRequest) -> None:
+        if not isinstance(refiner, Pipeline):
+            raise TypeError(f"refiner must be a Pipeline, got {type(refiner).__name__}")
+        if (refiner.latent_channels, refiner.vae_factor) != (self.latent_channels, self.vae_factor):
+            raise ValueError(f"refiner {refiner.name} ({refiner.family}) does not share the latent space "
+                             f"of {self.name} ({self.family})")
+        if isinstance(switch_at, bool) or not isinstance(switch_at, (int, float)) or not 0 < switch_at < 1:
+            raise ValueError(f"switch_at={switch_at!r} must be a number in (0, 1)")
+        if request.init_images is not None or request.loras is not None:
+            raise ValueError("refiner= is for txt2img without loras= (init_images and loras are not "
+                             "supported in a two-stage run)")
+        for pipe, window in ((self, dict(end=switch_at)), (refiner, dict(start=switch_at))):
+            sampling.plan(request.sampler, pipe.schedule_config, request.steps, **window)  # names an empty stage
+
+    def _stages(self, request: GenerationRequest, refiner: Pipeline | None,
+                switch_at: float) -> tuple[Pipeline, torch.Tensor]:
+        """(the pipeline whose VAE decodes, the final latents) of one or two stages."""
+        if refiner is None:
+            return self, self._denoise(request)
+        latents = self._denoise(dataclasses.replace(request, window=(None, switch_at)))
+        return refiner, refiner._denoise(dataclasses.replace(
+            request, window=(switch_at, None), init_latents=latents))
 
     def check(
         self, prompts, seeds, negative_prompts, steps, guidance_scale, sampler, width, height,
@@ -571,12 +608,16 @@ class Pipeline:
         # every step attends to the same text: its keys and values are computed once (a
         # compiled UNet computes them inside its graph instead)
         cached = None if self.compiled else getattr(self.unet, "cached_context", None)
+        start, end = request.window
         with cached(context) if cached is not None else contextlib.nullcontext():
+            if request.init_latents is not None:
+                return sampling.resume(request.sampler, predict, request.init_latents, request.steps,
+                                       start, self.schedule_config, generators=generators)
             if request.init_images is None:
                 noise = self._to_device(self.initial_noise(generators, shape))
                 return sampling.txt2img(
                     request.sampler, predict, noise, request.steps, self.schedule_config,
-                    generators=generators,
+                    generators=generators, end=end,
                 )
             mean, logvar = self.encode_images(request.init_images, request)
             init_latents = torch.cat([

@@ -41,6 +41,7 @@ __all__ = [
     "add_noise",
     "img2img",
     "plan",
+    "resume",
     "sample",
     "txt2img",
 ]
@@ -145,8 +146,10 @@ def _dpmpp_2m_vp(
     denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generators: Generators = None
 ) -> torch.Tensor:
     # diffusers keeps DPM-Solver latents variance preserving (x0 + sigma * noise scaled by
-    # alpha = 1 / sqrt(sigma^2 + 1)); at the final sigma = 0 both scales agree.
-    return dpmpp_2m(denoiser, x * (sigmas[0] ** 2 + 1) ** 0.5, sigmas, generators=generators)
+    # alpha = 1 / sqrt(sigma^2 + 1)); at the final sigma = 0 both scales agree, and a run
+    # cut early (a two-stage run's first stage) hands over in diffusers' scale.
+    x = dpmpp_2m(denoiser, x * (sigmas[0] ** 2 + 1) ** 0.5, sigmas, generators=generators)
+    return x / (sigmas[-1] ** 2 + 1) ** 0.5
 
 
 def _over_sigmas(loop: Callable) -> Callable:
@@ -315,9 +318,11 @@ def txt2img(
     config: SchedulerConfig,
     *,
     generators: Generators = None,
+    end: float | None = None,
 ) -> torch.Tensor:
-    """Clean latents from unit noise (the caller's per-sample draws), as diffusers' pipeline."""
-    p = plan(sampler, config, steps)
+    """Clean latents from unit noise (the caller's per-sample draws), as diffusers' pipeline;
+    with ``end``, the latents where diffusers' ``denoising_end=end`` stops."""
+    p = plan(sampler, config, steps, end=end)
     return sample(p, model_fn, noise.float() * p.init_noise_sigma, generators=generators)
 
 
@@ -335,3 +340,18 @@ def img2img(
     """Clean latents from init latents noised to `strength`, as diffusers' img2img pipeline."""
     p = plan(sampler, config, steps, strength)
     return sample(p, model_fn, add_noise(p, init_latents, noise), generators=generators)
+
+
+def resume(
+    sampler: str,
+    model_fn: ModelFn,
+    latents: torch.Tensor,
+    steps: int,
+    start: float,
+    config: SchedulerConfig,
+    *,
+    generators: Generators = None,
+) -> torch.Tensor:
+    """Clean latents from a first stage's latents (``txt2img(..., end=start)``), as
+    diffusers' img2img with ``denoising_start=start`` continues them: no noise is added."""
+    return sample(plan(sampler, config, steps, start=start), model_fn, latents, generators=generators)

@@ -304,8 +304,21 @@ class Plan:
     variance_type: str
 
 
-def plan(sampler: str, config: SchedulerConfig, steps: int, strength: float = 1.0) -> Plan:
-    """The schedule of `steps` steps; img2img (strength < 1) keeps diffusers' tail of it."""
+def _cutoff(config: SchedulerConfig, fraction: float) -> int:
+    """The training timestep at `fraction` of the way from pure noise, as diffusers'
+    ``denoising_end`` / ``denoising_start`` place it."""
+    num_train = int(config.num_train_timesteps)
+    return int(round(num_train - fraction * num_train))
+
+
+def plan(sampler: str, config: SchedulerConfig, steps: int, strength: float = 1.0, *,
+         start: float | None = None, end: float | None = None) -> Plan:
+    """The schedule of `steps` steps; img2img (strength < 1) keeps diffusers' tail of it.
+
+    A two-stage run (SDXL base, then refiner) cuts one schedule at a fraction: ``end``
+    keeps the steps at or above its timestep cutoff, ``start`` the steps below it, so the
+    two windows of the same schedule meet exactly.
+    """
     if sampler not in _GRIDS:
         raise SamplerError(f"sampler {sampler!r} is not one of {list(SAMPLER_NAMES)}")
     num_train = int(config.num_train_timesteps)
@@ -326,6 +339,14 @@ def plan(sampler: str, config: SchedulerConfig, steps: int, strength: float = 1.
     if kept < 1:
         raise SamplerError(f"steps={steps} with strength={strength} leaves no denoising step")
     t_start = steps - kept
+    if (start is not None or end is not None) and sampler == "pndm":
+        # PLMS repeats its second timestep: a cut would split that warm-up step
+        raise SamplerError("sampler 'pndm' cannot be cut into two stages; use another sampler")
+    if start is not None:
+        t_start = steps - int((timesteps < _cutoff(config, start)).sum())
+    stop = steps if end is None else int((timesteps >= _cutoff(config, end)).sum())
+    if stop - t_start < 1:
+        raise SamplerError(f"steps={steps} cut at start={start}, end={end} leaves no denoising step")
     init_sigma = torch.tensor(1.0)  # alpha samplers and DPM-Solver keep latents variance preserving
     if sampler in ("euler", "euler_ancestral"):
         # diffusers' Euler classes scale by sigma_max alone unless the spacing is "leading".
@@ -333,9 +354,9 @@ def plan(sampler: str, config: SchedulerConfig, steps: int, strength: float = 1.
         leading = config.resolved(sampler, "timestep_spacing") == "leading"
         init_sigma = (max_sigma**2 + 1) ** 0.5 if leading else max_sigma
     if sigmas is not None:
-        sigmas = sigmas[t_start:]
+        sigmas = sigmas[t_start : stop + 1]  # a cut run ends at the next step's noise level
     if prev is not None:
-        prev = prev[t_start:]
+        prev = prev[t_start:stop]
     if sampler == "ddpm":
         final = torch.tensor(1.0)
     else:
@@ -343,7 +364,7 @@ def plan(sampler: str, config: SchedulerConfig, steps: int, strength: float = 1.
     clip = bool(config.resolved(sampler, "clip_sample")) and sampler in ("ddim", "ddpm")
     return Plan(
         sampler=sampler,
-        timesteps=timesteps[t_start:],
+        timesteps=timesteps[t_start:stop],
         sigmas=sigmas,
         prev_timesteps=prev,
         alphas_cumprod=abar,
