@@ -143,10 +143,12 @@ def check_model(spec: JobSpec) -> None:
     from ldm_jobs.model.loading import check_source  # torch: only when a job is checked
     from ldm_jobs.model.weights import CheckpointError
 
-    try:
-        check_source(spec.model, spec.storage)
-    except (OSError, ValueError, StorageError, CheckpointError) as error:
-        raise SpecError(f"model: {redact_text(str(error))}{resolved_note(spec.model)}") from None
+    sources = [("model", spec.model)] + ([("refiner.model", spec.refiner.model)] if spec.refiner else [])
+    for where, source in sources:
+        try:
+            check_source(source, spec.storage)
+        except (OSError, ValueError, StorageError, CheckpointError) as error:
+            raise SpecError(f"{where}: {redact_text(str(error))}{resolved_note(source)}") from None
 
 
 def _actors(spec: JobSpec) -> str:

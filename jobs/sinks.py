@@ -211,6 +211,17 @@ def _model(spec: JobSpec, records: list[dict]) -> dict[str, Any]:
     model = {"source": spec.model, "name": name, "hash": content_hash or None}
     if len(tags) > 1:  # resumed with other weights: say so rather than pick one silently
         model["all"] = tags
+    families = sorted({record["family"] for record in records if record.get("family")})
+    model["family"] = families[0] if len(families) == 1 else (families or None)
+    if spec.refiner is not None:  # the second stage, as the workers loaded it
+        stages = sorted({json.dumps(record["refiner"], sort_keys=True) for record in records
+                         if record.get("refiner")})
+        stage = json.loads(stages[0]) if stages else {"tag": spec.refiner.model, "family": None}
+        name, _, content_hash = stage["tag"].partition("@")
+        model["refiner"] = {"source": spec.refiner.model, "name": name, "hash": content_hash or None,
+                            "family": stage["family"], "switch_at": spec.refiner.switch_at}
+        if len(stages) > 1:
+            model["refiner"]["all"] = [json.loads(text)["tag"] for text in stages]
     return model
 
 

@@ -192,6 +192,16 @@ class ExpandSpec(_Strict):
         "a grid over per-row sampling fields, crossed with each row's variants"))
 
 
+class RefinerSpec(_Strict):
+    """An SDXL refiner as a second stage: it takes the base model's latents over at
+    ``switch_at`` of the steps (diffusers' ``denoising_end`` / ``denoising_start``)."""
+
+    model: Annotated[str, _no_userinfo("refiner.model")] = Field(
+        ..., min_length=1, description="the SDXL refiner: a folder or checkpoint, local or s3://")
+    switch_at: float = Field(0.8, gt=0.0, lt=1.0, description=(
+        "the fraction of the schedule the base model runs before the refiner takes over"))
+
+
 class JobSpec(_Strict):
     name: str = Field("job", min_length=1)
     model: Annotated[str, _no_userinfo("model")] = Field("builtin:shapes", min_length=1)
@@ -201,6 +211,7 @@ class JobSpec(_Strict):
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     expand: ExpandSpec | None = None
+    refiner: RefinerSpec | None = None
     # Dotted paths of the URL fields whose credentials were dropped (see _no_userinfo).
     _credentials_dropped: frozenset[str] = PrivateAttr(default=frozenset())
 
@@ -233,7 +244,7 @@ class JobSpec(_Strict):
         return public
 
 
-URL_FIELDS = ("model", "input.path", "output.path", "storage.endpoint_url")
+URL_FIELDS = ("model", "refiner.model", "input.path", "output.path", "storage.endpoint_url")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)")
 
 

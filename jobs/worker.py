@@ -63,6 +63,22 @@ def model_tag(pipeline: Any) -> str:
     return f"{name}@{content_hash}" if content_hash else name
 
 
+def _load(spec: JobSpec, source: str, device: str) -> Any:
+    from ldm_jobs.model import load_pipeline
+
+    return load_pipeline(source, device=device, dtype=spec.compute.dtype, storage=spec.storage)
+
+
+def _check_families(base: Any, refiner: Any) -> None:
+    """The job's refiner stage is SDXL's: an SDXL base model and an SDXL refiner."""
+    if base.family != "sdxl":
+        raise ValueError(f"refiner: the model is {base.family!r}, and a refiner stage needs an SDXL "
+                         "base model (family 'sdxl')")
+    if refiner.family != "sdxl_refiner":
+        raise ValueError(f"refiner.model is {refiner.family!r}, not an SDXL refiner (family "
+                         "'sdxl_refiner')")
+
+
 def _check_local_image_file(path: str) -> None:
     """Refuse what must not be read whole: devices, FIFOs (/dev/zero) and huge files."""
     local = path[len("file://"):] if path.startswith("file://") else path
@@ -84,12 +100,15 @@ class RowGenerator:
     columns and the same bytes for the same row.
     """
 
-    def __init__(self, spec: JobSpec, device: str = "cpu", pipeline: Any = None):
+    def __init__(self, spec: JobSpec, device: str = "cpu", pipeline: Any = None,
+                 refiner: Any = None):
         if pipeline is None:
-            from ldm_jobs.model import load_pipeline
-
-            pipeline = load_pipeline(spec.model, device=device, dtype=spec.compute.dtype,
-                                     storage=spec.storage)
+            pipeline = _load(spec, spec.model, device)
+        if spec.refiner is not None and refiner is None:
+            refiner = _load(spec, spec.refiner.model, device)
+        self.refiner = refiner
+        if refiner is not None:
+            _check_families(pipeline, refiner)
         # sizes the spec leaves out are the model's own (the pipeline knows it once loaded)
         self.spec = spec = with_native_size(spec, pipeline.native_size)
         self.pipeline = pipeline
@@ -101,6 +120,11 @@ class RowGenerator:
         if spec.compute.compile:
             self._compile()
         self.model = model_tag(pipeline)
+        # what the manifest records besides the model column: the family, the second stage
+        self.model_info = {"family": getattr(pipeline, "family", None)}
+        if refiner is not None:
+            self.model_info["refiner"] = {"tag": model_tag(refiner), "family": refiner.family,
+                                          "switch_at": spec.refiner.switch_at}
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
 
     def _compile(self) -> None:
@@ -158,6 +182,8 @@ class RowGenerator:
                        "strength": first.strength}
         if any(t.loras for t in batch):
             options["loras"] = [dict(t.loras) for t in batch]
+        if self.refiner is not None:
+            options |= {"refiner": self.refiner, "switch_at": self.spec.refiner.switch_at}
         return self.pipeline.generate(
             [t.prompt if t.text is None else t.text for t in batch], seeds=[t.seed for t in batch],
             negative_prompts=[t.negative_prompt for t in batch], steps=first.steps,
@@ -346,7 +372,8 @@ class ShardWorker(RowGenerator):
             .rsplit("/", 1)[-1],
             "rows": output.num_rows, "input_rows": shard.rows, "accepted_rows": accepted_rows,
             "rejected": len(rejected), "bytes": len(data), "sha256": digest,
-            "busy_seconds": busy, "worker": self.worker_id, "model": self.model, "errors": None,
+            "busy_seconds": busy, "worker": self.worker_id, "model": self.model, **self.model_info,
+            "errors": None,
             "started_at": round(started_at, 3), "finished_at": round(started_at + busy, 3),
         }
         commit_shard(self.output_storage, spec, shard, data, errors, record)

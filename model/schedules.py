@@ -344,7 +344,7 @@ def plan(sampler: str, config: SchedulerConfig, steps: int, strength: float = 1.
         raise SamplerError("sampler 'pndm' cannot be cut into two stages; use another sampler")
     if start is not None:
         t_start = steps - int((timesteps < _cutoff(config, start)).sum())
-    stop = steps if end is None else int((timesteps >= _cutoff(config, end)).sum())
+    stop = len(timesteps) if end is None else int((timesteps >= _cutoff(config, end)).sum())
     if stop - t_start < 1:
         raise SamplerError(f"steps={steps} cut at start={start}, end={end} leaves no denoising step")
     init_sigma = torch.tensor(1.0)  # alpha samplers and DPM-Solver keep latents variance preserving
