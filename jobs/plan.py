@@ -97,7 +97,8 @@ class Plan:
         duplicates = sum(len(shard.duplicates) for shard in self.shards)
         lines = [
             f"job        {spec.name}",
-            f"model      {spec.model}",
+            f"model      {spec.model}" + (f" + refiner {spec.refiner.model} from {spec.refiner.switch_at}"
+                                          if spec.refiner else ""),
             f"input      {spec.input.path}: {len(self.files)} file(s), {self.input_rows} rows",
             f"columns    {', '.join(columns)}",
             f"prompt     column '{spec.input.prompt_column}'",
@@ -282,6 +283,8 @@ def _fingerprint_prefix(spec: JobSpec, id_column: str | None) -> bytes:
         "sampling": spec.sampling.model_dump(),
         "slices": None,
     }
+    if spec.refiner is not None:  # only then: the fingerprints of one-stage jobs stay as they were
+        decisive["refiner"] = spec.refiner.model_dump()
     text = json.dumps(decisive, sort_keys=True)
     assert text.endswith(', "slices": null}')  # slices sorts last
     return text[: -len("null}")].encode()

@@ -87,3 +87,14 @@ def test_refiner_spec_is_checked(folders, tmp_path):
         spec = parse_spec(job(root, model, "bad", refiner={"model": str(refiner_model)}))
         with pytest.raises(ModelLoadError, match=says):
             run_job(spec, progress=False, in_process=True)
+
+
+def test_the_refiner_is_part_of_each_shard_fingerprint(folders):
+    """A resume with another refiner (or none) must redo the shards, not keep them."""
+    from ldm_jobs.jobs.plan import make_plan
+
+    root, base_folder, refiner_folder = folders
+    prints = [[shard.fingerprint for shard in make_plan(parse_spec(job(root, base_folder, "fp", **extra))).shards]
+              for extra in ({}, {"refiner": {"model": str(refiner_folder)}},
+                            {"refiner": {"model": str(refiner_folder), "switch_at": 0.5}})]
+    assert len({tuple(p) for p in prints}) == 3
