@@ -379,10 +379,10 @@ class PoisonedUNet:
         self.unet, self.poisons = unet, poisons  # [(text embedding, value)]
         self.config = unet.config
 
-    def __call__(self, latents, timesteps, context):
+    def __call__(self, latents, timesteps, context, *args, **kwargs):
         import torch
 
-        out = self.unet(latents, timesteps, context)
+        out = self.unet(latents, timesteps, context, *args, **kwargs)
         for poison, value in self.poisons:
             # Batched and single encodings may differ in the last bits: compare loosely
             # (other prompts' embeddings are nowhere near).
