@@ -9,7 +9,9 @@ Each actor count runs the same job (real shards written, local Ray), interleaved
 (1, 2, 1, 2, ...), medians reported. Two throughputs per run: images / the manifest's wall
 seconds (Ray start and model loads included) and images / the busiest actor's busy
 seconds (steady state: the actors work side by side, so the slowest one sets the pace).
-With --bare (CPU only), the bare pipeline in this process with 1 and with N torch threads
+With --nodes, a simulated multi-node cluster instead of one local Ray: a head without CPUs
+and one 1-CPU raylet per actor (ray.cluster_utils.Cluster, on this machine), a node added
+before each larger count, so the table reads as the efficiency of each added node. With --bare (CPU only), the bare pipeline in this process with 1 and with N torch threads
 as a reference: whether more actors or more threads use the cores better (on a machine
 whose cores are busy with other work, N > 1 threads can be pathologically slow: OpenMP
 spins waiting for its threads). Not a test.
@@ -46,6 +48,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default float16 with GPUs, float32 without")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nodes", action="store_true",
+                        help="N actors on N simulated 1-CPU nodes (ray.cluster_utils.Cluster)")
     parser.add_argument("--bare", action="store_true",
                         help="also time the bare pipeline in this process with 1..N threads")
     args = parser.parse_args(argv)
@@ -78,7 +82,9 @@ def main(argv=None) -> None:
         run_bare(pipeline, bare_spec, rows[: args.batch])  # warm-up
 
     results: dict[int, list[dict]] = {n: [] for n in counts}
-    for _ in range(args.repeats):
+    if args.nodes:
+        nodes_run(specs, counts, results, args.repeats)
+    for _ in range(0 if args.nodes else args.repeats):
         for n in counts:
             results[n].append(run_job(specs[n][0], specs[n][1]))
             print(f"{n} actor(s): {results[n][-1]}", file=sys.stderr, flush=True)
@@ -89,6 +95,7 @@ def main(argv=None) -> None:
                 bare_rows.setdefault(n, []).append(time.perf_counter() - start)
 
     kind = f"{args.gpus_per_actor:g} GPU(s)" if args.gpus_per_actor else "CPU"
+    kind += ", one per simulated 1-CPU node" if args.nodes else ""
     print(f"\nrows={args.rows} batch={args.batch} rows_per_shard={args.rows_per_shard} "
           f"steps={args.steps} size={args.size} sampler={args.sampler} model={args.model} "
           f"dtype={args.dtype} "
@@ -113,6 +120,28 @@ def main(argv=None) -> None:
             seconds = statistics.median(times)
             first = first or seconds
             print(f"| {n} | {seconds:.2f} | {args.rows / seconds:.2f} | {first / seconds:.2f}x |")
+
+
+def nodes_run(specs: dict, counts: list[int], results: dict, repeats: int) -> None:
+    """Each count's job on a Cluster grown to that many 1-CPU nodes (counts ascending)."""
+    import os
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a throwaway cluster: no token files
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="scaling-ray-")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0,
+                                                            "include_dashboard": False})
+    try:
+        for n in sorted(counts):
+            while len(cluster.list_all_nodes()) < n + 1:
+                cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            for _ in range(repeats):
+                results[n].append(run_job(specs[n][0], specs[n][1], address=cluster.address))
+                print(f"{n} node(s): {results[n][-1]}", file=sys.stderr, flush=True)
+    finally:
+        cluster.shutdown()
 
 
 if __name__ == "__main__":
