@@ -6,6 +6,8 @@ from a source checkout) pulls in nothing heavy.
 
 from __future__ import annotations
 
+from ldm_jobs import lazy_exports
+
 _EXPORTS = {
     "Output": "ldm_jobs.jobs.report",
     "open_output": "ldm_jobs.jobs.report",
@@ -18,9 +20,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

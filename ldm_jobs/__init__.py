@@ -27,9 +27,16 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A module ``__getattr__`` that imports each of ``exports`` (name -> module) on first use."""
+    def __getattr__(name: str):
+        if name in exports:
+            import importlib
 
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'ldm_jobs' has no attribute {name!r}")
+            return getattr(importlib.import_module(exports[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -134,3 +135,14 @@ def save_peft_sdxl(path: Path, unet_state=None, text_state=None, text_2_state=No
         text_encoder_lora_adapter_metadata=meta(text_state, TEXT),
         text_encoder_2_lora_adapter_metadata=meta(text_2_state, TEXT))
     return path
+
+
+def assert_close(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
+    diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
+    assert diff.max() <= 2 and diff.mean() <= 0.5, \
+        f"{what}: max {diff.max()}/255, mean {diff.mean():.3f}/255 from diffusers"
+    assert theirs.std() > 5, f"{what}: the oracle image is flat"
+
+
+def mean_change(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.abs(x.astype(np.int16) - y.astype(np.int16)).mean())

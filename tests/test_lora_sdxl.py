@@ -80,17 +80,6 @@ def ours_rows(ours, rows, n=4) -> list[np.ndarray]:
     return [np.asarray(im) for im in images]
 
 
-def assert_close(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
-    diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
-    assert diff.max() <= 2 and diff.mean() <= 0.5, \
-        f"{what}: max {diff.max()}/255, mean {diff.mean():.3f}/255 from diffusers"
-    assert theirs.std() > 5, f"{what}: the oracle image is flat"
-
-
-def mean_change(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.abs(x.astype(np.int16) - y.astype(np.int16)).mean())
-
-
 MIXED = [{}, {"a": 1.0}, {"b": 0.6}, {"a": 1.0, "b": 0.6}]
 
 
@@ -99,9 +88,9 @@ def test_mixed_batch_matches_diffusers_row_by_row(sdxl):
     mine = ours_rows(ours, [{paths[k]: w for k, w in row.items()} for row in MIXED])
     plain = ours_rows(ours, None)
     for i, adapters in enumerate(MIXED):
-        assert_close(mine[i], diffusers_row(pipe, i, adapters), f"row {i} {adapters}")
+        lf.assert_close(mine[i], diffusers_row(pipe, i, adapters), f"row {i} {adapters}")
         if adapters:  # a LoRA silently ignored must not pass
-            assert mean_change(mine[i], plain[i]) > 3, f"row {i}: the LoRA changed nothing"
+            assert lf.mean_change(mine[i], plain[i]) > 3, f"row {i}: the LoRA changed nothing"
         else:
             assert np.array_equal(mine[i], plain[i])
 
@@ -111,12 +100,12 @@ def test_second_text_encoder_lora_alone_and_the_text_cache(sdxl):
     and the text cache never hands its embedding to a row without it, or back."""
     ours, pipe, paths = sdxl
     mine = ours_rows(ours, [{}, {paths["c"]: 1.0}, {}], n=3)
-    assert_close(mine[1], diffusers_row(pipe, 1, {"c": 1.0}), "text-encoder-2 LoRA row")
-    assert_close(mine[0], diffusers_row(pipe, 0, {}), "row without it")
+    lf.assert_close(mine[1], diffusers_row(pipe, 1, {"c": 1.0}), "text-encoder-2 LoRA row")
+    lf.assert_close(mine[0], diffusers_row(pipe, 0, {}), "row without it")
     swapped = ours_rows(ours, [{paths["c"]: 1.0}, {}, {}], n=3)
-    assert_close(swapped[0], diffusers_row(pipe, 0, {"c": 1.0}), "row 0 with it, cached")
+    lf.assert_close(swapped[0], diffusers_row(pipe, 0, {"c": 1.0}), "row 0 with it, cached")
     assert np.array_equal(swapped[1], ours_rows(ours, None, n=3)[1])
-    assert mean_change(swapped[0], mine[0]) > 3
+    assert lf.mean_change(swapped[0], mine[0]) > 3
 
 
 def test_sd1_lora_on_sdxl_names_the_file_and_key(sdxl, tmp_path):
