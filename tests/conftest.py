@@ -66,15 +66,26 @@ def s3_server() -> Iterator[S3Server]:
                 os.environ[key] = value
 
 
+@dataclass
+class RayCluster:
+    metrics_port: int  # the node's Prometheus endpoint: http://127.0.0.1:<port>/metrics
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server: S3Server) -> Iterator[None]:
+def ray_cluster(s3_server: S3Server) -> Iterator[RayCluster]:
     """One small local Ray for the whole session; `run_job` reuses it.
 
     It depends on `s3_server` so the AWS variables are set before Ray starts: the raylet,
-    and so every actor, inherits the driver's environment at `ray.init` time.
+    and so every actor, inherits the driver's environment at `ray.init` time. Its metrics
+    reach the node's exporter every half second (Ray's default is 10 s).
     """
+    import socket
+
     import ray
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
     ray.init(
         num_cpus=2,
         num_gpus=0,
@@ -82,9 +93,11 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
         include_dashboard=False,
         log_to_driver=True,
         logging_level="WARNING",
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 500},
     )
     try:
-        yield
+        yield RayCluster(metrics_port)
     finally:
         ray.shutdown()
 

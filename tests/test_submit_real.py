@@ -9,7 +9,6 @@ API, reads the images, and stops that head by the process ids it started (never
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -27,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from ray_metrics import metric, scrape
 
 pytestmark = pytest.mark.slow  # a Ray head with its dashboard, a job driver, a model load
 
@@ -35,6 +35,7 @@ BIN = Path(sys.executable).parent
 HEAD_UP_SECONDS = 180
 JOB_SECONDS = 420
 METRICS_SECONDS = 60
+JOB = "submitted"
 
 
 def _free_port() -> int:
@@ -159,7 +160,7 @@ def test_submit_runs_to_succeeded_on_a_real_head(head_env, tmp_path: Path) -> No
     output = tmp_path / "out"
     spec = tmp_path / "job.yaml"
     spec.write_text(json.dumps({
-        "name": "submitted", "model": "builtin:tiny-random",
+        "name": JOB, "model": "builtin:tiny-random",
         "input": {"path": str(prompts)}, "output": {"path": str(output)},
         "sampling": {"width": 16, "height": 16, "steps": 2},
         "compute": {"actors": 1, "batch_size": 2}}))
@@ -192,24 +193,13 @@ def test_submit_runs_to_succeeded_on_a_real_head(head_env, tmp_path: Path) -> No
     assert manifest["counts"]["generated"] == 3
 
     # The driver's Ray metrics, on the head's metrics endpoint (what the dashboard scrapes).
+    # (The queue gauge is checked while a job runs in test_metrics.py: a gauge's last value
+    # goes with the driver's process, which ends with this short job before it is exported.)
     deadline, text = time.monotonic() + METRICS_SECONDS, ""
-    while time.monotonic() < deadline and (_metric(text, "images_generated_total") is None
-                                           or _metric(text, "shard_seconds_count") is None):
+    while time.monotonic() < deadline and (metric(text, "images_generated_total", JOB) is None
+                                           or metric(text, "shard_seconds_count", JOB) is None):
         time.sleep(1)
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{head.metrics_port}/metrics",
-                                        timeout=10) as response:
-                text = response.read().decode()
+        text = scrape(head.metrics_port)
     ours = "\n".join(line for line in text.splitlines() if "ldm_jobs" in line)
-    assert _metric(text, "images_generated_total") == 3.0, ours  # Prometheus names counters so
-    # (ray_ldm_jobs_shards_queued, a gauge, is not asserted: a gauge's last value goes
-    # with the driver's process, which ends with this short job before it is exported.)
-    assert _metric(text, "shard_seconds_count") == 1.0, ours  # one shard of 3 rows
-
-
-def _metric(text: str, name: str) -> float | None:
-    """The value of ray_ldm_jobs_<name> for the job "submitted", if exported yet."""
-    for line in text.splitlines():
-        if line.startswith(f"ray_ldm_jobs_{name}{{") and 'job="submitted"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    assert metric(text, "images_generated_total", JOB) == 3.0, ours  # Prometheus's counter name
+    assert metric(text, "shard_seconds_count", JOB) == 1.0, ours  # one shard of 3 rows
