@@ -108,7 +108,7 @@ def task_rows(spec) -> list[tuple[str, str, int]]:
     """(id, prompt, seed) of every row, as the job derives them."""
     import pyarrow.parquet as pq
 
-    from ldm_jobs.jobs.rows import derive_seed
+    from ldm_jobs.model.seeds import derive_seed
 
     table = pq.read_table(spec.input.path)
     return [(i, p, derive_seed(spec.sampling.seed, i))
@@ -170,7 +170,7 @@ args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 import pyarrow.parquet as pq
 from ldm_jobs.jobs.images import encode
-from ldm_jobs.jobs.rows import derive_seed
+from ldm_jobs.model.seeds import derive_seed
 from ldm_jobs.model import load_pipeline
 s = args["sampling"]
 pipe = load_pipeline(args["model"], device=args["device"], dtype=args["dtype"])

@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .rows import OVERRIDE_CHECKS, derive_seed, parse_loras, row_id
+from ldm_jobs.model.seeds import derive_seed
+
+from .rows import OVERRIDE_CHECKS, parse_loras, row_id
 from .spec import JobSpec, SpecError
 from .storage import open_storage
 

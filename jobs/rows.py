@@ -20,7 +20,6 @@ A bad row never crashes its shard and is never dropped silently: it becomes a
 from __future__ import annotations
 
 import decimal
-import hashlib
 import importlib.util
 import json
 import math
@@ -32,9 +31,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from ldm_jobs.model.prompts import split_lora_tags
+from ldm_jobs.model.seeds import MAX_SEED, derive_seed
+
 from .spec import (
     MAX_PROMPT_CHARS,
-    MAX_SEED,
     MAX_STEPS,
     SAMPLERS,
     JobSpec,
@@ -96,12 +97,6 @@ def size_text(spec: JobSpec) -> str:
     if width is None and height is None:
         return "native size of the model"
     return f"{width or '?'}x{height or '?'} ({note})"
-
-
-def derive_seed(base_seed: int, image_id: str) -> int:
-    """A reproducible seed in [0, 2**63) from the spec's seed and an image id."""
-    digest = hashlib.sha256(f"{base_seed}:{image_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & MAX_SEED
 
 
 @dataclass
@@ -200,8 +195,6 @@ def lora_tags(prompt: str, lora_dir: str | None) -> tuple[str, dict[str, float]]
     """The prompt without its web-UI `<lora:NAME:WEIGHT>` tags (model/prompts.py reads
     them), and {lora_dir/NAME.safetensors: WEIGHT} of the tags (a name given twice: the
     last weight)."""
-    from ldm_jobs.model.prompts import split_lora_tags  # pure text, no torch
-
     try:
         text, tags = split_lora_tags(prompt)
     except ValueError as error:

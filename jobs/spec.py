@@ -28,9 +28,10 @@ from pydantic import (
     model_validator,
 )
 
+from ldm_jobs.model.seeds import MAX_SEED
+
 # The sampler names of CONTRACT.md; the model package maps each to its scheduler.
 SAMPLERS = ("ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras")
-MAX_SEED = 2**63 - 1  # seeds are stored as int64 and fed to torch's manual_seed
 MIN_SIZE, MAX_SIZE = 8, 4096
 MAX_STEPS = 1000
 # Longer prompts are rejected, not truncated: the tokenizer keeps 77 tokens (a few hundred

@@ -24,9 +24,9 @@ from PIL import Image
 from . import conditioning, prompt_encoding
 from . import samplers as sampling
 from .prompts import parse_prompt
+from .seeds import MAX_SEED, derive_seed
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-MAX_SEED = 2**63 - 1
 MAX_SIDE = 4096
 SIZE_MULTIPLE = 8  # image sides are multiples of 8, as in a job spec (and SD's VAE needs)
 # Distinct prompt strings whose text embeddings a pipeline keeps (an SD 1.x entry is
@@ -669,8 +669,6 @@ def _seeds_for(prompts, seeds, seed) -> Any:
     if seed is None:
         if seeds is not None or isinstance(prompts, str) or not isinstance(prompts, Sequence):
             return seeds  # check() names whatever is wrong
-        from ldm_jobs.jobs.rows import derive_seed
-
         return [derive_seed(0, f"{i:08d}") for i in range(len(prompts))]
     if seeds is not None:
         raise TypeError("give seeds (one per prompt) or seed, not both")

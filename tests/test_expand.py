@@ -18,10 +18,10 @@ from job_helpers import make_spec
 
 from ldm_jobs.jobs.expand import Expander
 from ldm_jobs.jobs.plan import make_plan
-from ldm_jobs.jobs.rows import derive_seed
 from ldm_jobs.jobs.sinks import finalize
 from ldm_jobs.jobs.spec import SpecError
 from ldm_jobs.jobs.worker import ShardWorker
+from ldm_jobs.model.seeds import derive_seed
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = {"a": "a __colour__ {circle|square}", "b": "{2$$red|green|blue} star",

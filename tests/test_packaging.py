@@ -114,3 +114,32 @@ def test_a_users_own_model_and_jobs_do_not_clash(wheel, tmp_path):
     run = subprocess.run([sys.executable, "-c", script], cwd=scratch, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code`."""
+    probe = f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=300, check=True)
+    return set(done.stdout.split())
+
+
+def test_the_model_half_never_imports_the_jobs_half():
+    # every inference module, seedless generate included, with the jobs half untouched
+    names = sorted(p.stem for p in (Path(__file__).parent.parent / "model").glob("*.py")
+                   if p.stem != "__init__")
+    loaded = _modules_after("import ldm_jobs.model.{}\n".format(
+        "\nimport ldm_jobs.model.".join(names)) +
+        "from ldm_jobs import load_pipeline\n"
+        "load_pipeline('builtin:tiny-random').generate(['a'], steps=1, width=16, height=16)")
+    assert "torch" in loaded and "ldm_jobs.model.pipeline" in loaded
+    assert not [name for name in loaded if name.startswith("ldm_jobs.jobs")]
+
+
+def test_planning_and_prompt_text_need_no_torch():
+    # the driver's side: spec, plan, rows, expansion and the CLI, which read prompts and
+    # seeds with the model package's pure-Python parts
+    loaded = _modules_after("import ldm_jobs.jobs.cli, ldm_jobs.jobs.plan, ldm_jobs.jobs.expand\n"
+                            "import ldm_jobs.model.prompts, ldm_jobs.model.seeds")
+    assert "ldm_jobs.model.prompts" in loaded and "ldm_jobs.jobs.rows" in loaded
+    assert "torch" not in loaded
