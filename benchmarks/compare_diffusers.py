@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from procmem import status_bytes  # noqa: E402
 from tiny_sd import (  # noqa: E402
     CLIP_DIR,
     SD1_SCHEDULER,
@@ -262,21 +263,13 @@ class PeakMemory:
         self.cuda = device.startswith("cuda")
         self._watch: threading.Thread | None = None
 
-    @staticmethod
-    def _rss(field_name: str) -> int:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field_name):
-                    return int(line.split()[1]) * 1024
-        return 0
-
     def start(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
             self.base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             return
-        self.base = self._rss("VmRSS:")
+        self.base = status_bytes("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")  # resets VmHWM to the current RSS
@@ -288,7 +281,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
-            self._sampled = max(self._sampled, self._rss("VmRSS:"))
+            self._sampled = max(self._sampled, status_bytes("VmRSS"))
 
     def stop(self) -> float:
         if self.cuda:
@@ -299,7 +292,7 @@ class PeakMemory:
             self._watch = None
             peak = self._sampled
         else:
-            peak = self._rss("VmHWM:")
+            peak = status_bytes("VmHWM")
         return max(0, peak - self.base) / 2**20
 
 

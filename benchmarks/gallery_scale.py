@@ -63,6 +63,7 @@ for number, first in enumerate(range(0, rows, per_shard)):
         "sampler": [["euler", "ddim", "dpmpp_2m"][int(i) % 3] for i in kept], "steps": [20] * n,
         "guidance_scale": [[3.0, 5.0, 7.5][int(i) % 3] for i in kept], "width": [8] * n,
         "height": [8] * n, "strength": [None] * n, "model": ["builtin:shapes@sha256:00"] * n,
+        "loras": [[]] * n,
         "image": images, "image_format": ["png"] * n,
         "style": [["oil", "photo", "sketch", "ink"][int(i) % 4] for i in kept]}, schema=schema)
     name = f"part-{number:05d}"
@@ -94,14 +95,15 @@ open(os.path.join(out, "_SUCCESS"), "w").close()
 
 # Runs `show --html` in a fresh process and reports its time and memory high-water mark.
 SHOW = r"""
-import json, resource, sys, time, contextlib, io
+import json, sys, time, contextlib, io
+sys.path.insert(0, "benchmarks")  # run with the checkout as its working directory
 from ldm_jobs.jobs.cli import main
+from procmem import status_bytes
 started = time.perf_counter()
 with contextlib.redirect_stdout(io.StringIO()):
     code = main(["show", sys.argv[1], "--html", sys.argv[2]])
 seconds = time.perf_counter() - started
-hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"code": code, "seconds": seconds, "peak_mib": hwm / 1024}))
+print(json.dumps({"code": code, "seconds": seconds, "peak_mib": status_bytes("VmHWM") / 2**20}))
 """
 
 

@@ -43,22 +43,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, resource, sys, time
 args = json.loads(sys.argv[1])
-sys.path.insert(0, args["root"])
+sys.path[:0] = [args["root"], args["root"] + "/benchmarks"]
 from ldm_jobs.jobs.plan import make_plan
 from ldm_jobs.jobs.spec import parse_spec
+from procmem import status_bytes
 
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 def hwm_mb():
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return status_bytes("VmHWM") / 2**20 or float("nan")
 
 imported = rss_mb()
 spec = parse_spec({"input": {"path": args["input"]},

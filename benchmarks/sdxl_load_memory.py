@@ -39,20 +39,14 @@ def build_folder(folder: Path) -> None:
 
 def measure(folder: str, dtype: str) -> dict:
     """Run in a fresh process: load, report the peak above the post-import baseline."""
-    def rss(field: str) -> int:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-        return 0
-
     import threading
 
     import torch  # noqa: F401 - imported before the baseline, as any user has it
+    from procmem import status_bytes as rss
 
     from ldm_jobs import load_pipeline
 
-    base, base_anon = rss("VmRSS:"), rss("RssAnon:")
+    base, base_anon = rss("VmRSS"), rss("RssAnon")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # VmHWM restarts from the current RSS
     # VmHWM counts the safetensors files' mapped pages too (page cache the kernel can drop);
@@ -61,7 +55,7 @@ def measure(folder: str, dtype: str) -> dict:
 
     def watch() -> None:
         while not done.wait(0.005):
-            anon_peak[0] = max(anon_peak[0], rss("RssAnon:"))
+            anon_peak[0] = max(anon_peak[0], rss("RssAnon"))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -70,8 +64,8 @@ def measure(folder: str, dtype: str) -> dict:
     seconds = time.perf_counter() - start
     done.set()
     watcher.join()
-    peak = rss("VmHWM:") - base
-    anon = max(anon_peak[0], rss("RssAnon:")) - base_anon
+    peak = rss("VmHWM") - base
+    anon = max(anon_peak[0], rss("RssAnon")) - base_anon
     modules = [pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
     weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     return {"dtype": dtype, "family": pipe.family, "seconds": round(seconds, 1),
