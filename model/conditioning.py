@@ -9,7 +9,7 @@ The one place that knows how each family turns text into conditioning:
   six time ids per row, ``original_size + crops_coords_top_left + target_size``. An empty
   negative prompt is all zeros where the model's ``force_zeros_for_empty_prompt`` is set
   (what diffusers does for ``negative_prompt=None``).
-  In the web UI's syntax (``encode_chunked``) both encoders read the same chunks, each
+  In the web UI's syntax (``TextEncoders.encode``) both encoders read the same chunks, each
   with its own BOS/EOS/pad; each encoder's hidden states are weighted and rescaled on
   their own before the two are joined; the pooled embedding is the first chunk's,
   unweighted, as the web UI takes it.
@@ -22,7 +22,7 @@ Guided rows stack ``[negative; positive]`` so both branches run in one UNet call
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,21 +55,31 @@ class Conditioning:
 class TextEncoders:
     """A family's tokenizers and text encoders, and how that family reads them."""
 
-    def __init__(self, family: str, encoders: Sequence[tuple[Any, torch.nn.Module]],
+    def __init__(self, family: str, components: Callable[[], list[tuple[Any, torch.nn.Module]]],
                  force_zeros_for_empty_prompt: bool = False):
-        if not encoders:
+        """``components()``: the (tokenizer, text encoder) pairs in use, read at each call,
+        so a pipeline whose tokenizer or encoder is swapped (a power user's, a test's)
+        encodes with the new one."""
+        if not components():
             raise ValueError("a pipeline needs at least one text encoder")
         self.family = family
-        self.encoders = list(encoders)
+        self._components = components
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt) and family in SDXL_FAMILIES
+
+    @property
+    def encoders(self) -> list[tuple[Any, torch.nn.Module]]:
+        return self._components()
 
     @property
     def is_sdxl(self) -> bool:
         return self.family in SDXL_FAMILIES
 
-    def run(self, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDXL: each encoder's penultimate hidden states for its own ids (N, T), joined
-        along the features, and text_encoder_2's pooled, projected embedding (N, P)."""
+    def run(self, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Rows of ids (N, T), one tensor per encoder -> ``(context,)`` (N, T, D) for SD 1.x
+        / 2.x; for SDXL each encoder's penultimate hidden states joined along the features,
+        and text_encoder_2's pooled, projected embedding (N, P): ``(context, pooled)``."""
+        if not self.is_sdxl:
+            return (self.encoders[0][1](ids[0]),)
         hidden, pooled = [], None
         for (_, encoder), rows in zip(self.encoders, ids):
             if hasattr(encoder, "penultimate_and_pooled"):
@@ -84,32 +94,35 @@ class TextEncoders:
         vocabulary (only their pad tokens differ), so the first one's chunks are both's."""
         return prompt_encoding.text_chunks(text, self.encoders[0][0])
 
+    def keys(self, texts: Sequence[str], syntax: str) -> list:
+        """What identifies each text's encoding (the pipeline's text cache keys on it): the
+        text read plainly; in the web UI's syntax its parsed chunks, so spellings that parse
+        alike ("(cat)", "(cat:1.1)") are one entry."""
+        if syntax == "plain":
+            return list(texts)
+        return [("a1111", self.chunks(text)) for text in texts]
 
-def encode_chunked(text: TextEncoders, chunked: Sequence[Sequence[Chunk]], run
-                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """SDXL in the web UI's syntax: one context (chunks x T, D) per text and the pooled
-    embeddings (B, P). ``run(ids per encoder)`` is ``TextEncoders.run`` (the caller may
-    group its rows); every chunk of every text goes through it in one call."""
-    flat = [chunk for chunks in chunked for chunk in chunks]
-    hidden, pooled = run([prompt_encoding.chunk_ids(flat, tokenizer) for tokenizer, _ in text.encoders])
-    weights = prompt_encoding.chunk_weights(flat, hidden.shape[1])
-    # the mean restored is each encoder's own: rescale the two feature blocks apart
-    widths = [encoder.config.hidden_size for _, encoder in text.encoders]
-    hidden = torch.cat([prompt_encoding.emphasize(h, weights) for h in hidden.split(widths, dim=-1)], dim=-1)
-    return prompt_encoding.per_text(hidden, chunked), pooled[prompt_encoding.first_chunks(chunked)]
-
-
-def pack(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """One text's (S, D) context and (P,) pooled embedding as one flat tensor: the
-    pipeline's text cache keeps one tensor per text."""
-    return torch.cat([context.reshape(-1), pooled.reshape(-1)])
-
-
-def unpack(row: torch.Tensor, text: TextEncoders) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``pack``ed row back as (context (S, D), pooled (P,))."""
-    pooled_dim = text.encoders[-1][1].config.projection_dim
-    width = sum(encoder.config.hidden_size for _, encoder in text.encoders)
-    return row[:-pooled_dim].reshape(-1, width), row[-pooled_dim:]
+    def encode(self, keys: Sequence, syntax: str, run) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One ``(context (S, D), pooled (P,) or None)`` per key of ``keys(texts, syntax)``.
+        ``run(ids per encoder)`` is ``run`` above (the caller may group its rows). Plain
+        texts are 77 tokens each; in the web UI's syntax every chunk of every text goes
+        through ``run`` in one call, each encoder's hidden states are weighted and rescaled
+        on their own (``prompt_encoding.emphasize``), and the pooled embedding is each
+        text's first chunk's, unweighted."""
+        if syntax == "plain":
+            out = run([tokenizer(list(keys)) for tokenizer, _ in self.encoders])
+            contexts, first = list(out[0]), slice(None)
+        else:
+            chunked = [chunks for _, chunks in keys]
+            flat = [chunk for chunks in chunked for chunk in chunks]
+            out = run([prompt_encoding.chunk_ids(flat, tokenizer) for tokenizer, _ in self.encoders])
+            weights = prompt_encoding.chunk_weights(flat, out[0].shape[1])
+            widths = [encoder.config.hidden_size for _, encoder in self.encoders]
+            hidden = torch.cat([prompt_encoding.emphasize(h, weights)
+                                for h in out[0].split(widths, dim=-1)], dim=-1)
+            contexts, first = prompt_encoding.per_text(hidden, chunked), prompt_encoding.first_chunks(chunked)
+        pooled = out[1][first] if len(out) > 1 else [None] * len(contexts)
+        return list(zip(contexts, pooled))
 
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -167,9 +180,9 @@ def build(text: TextEncoders, encode, prompts: list[str], negatives: list[str], 
         contexts, pooled = zip(*[zero if z else next(found) for z in zeroed])
         pooled = torch.stack(pooled)
     context, mask = prompt_encoding.pad_contexts(contexts)
+    mask = None if mask is None else mask.to(device)
     if not text.is_sdxl:
         return Conditioning(context, context_mask=mask)
     ids = [time_ids(text.family, height, width, options, negative)
            for negative, texts in rows for _ in texts]
-    return Conditioning(context, pooled, torch.tensor(ids, dtype=dtype, device=device),
-                        None if mask is None else mask.to(device))
+    return Conditioning(context, pooled, torch.tensor(ids, dtype=dtype, device=device), mask)

@@ -267,8 +267,8 @@ def _in_order(parts: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Tens
 
 
 def encode_rows(pipeline, texts: list[str], sets: Sequence[AdapterSet | None],
-                encode: Callable[[list[str]], list[torch.Tensor]]) -> list[torch.Tensor]:
-    """``encode(texts)`` (one embedding per text) where text i is read with the
+                encode: Callable[[list[str]], list]) -> list:
+    """``encode(texts)`` (one encoding per text) where text i is read with the
     text-encoder part of ``sets[i]``: each distinct set's texts are encoded together, the
     encoders patched, and the cache keyed by that set."""
     if len(sets) != len(texts):
@@ -277,7 +277,7 @@ def encode_rows(pipeline, texts: list[str], sets: Sequence[AdapterSet | None],
     encoders = tuple(c for c in modules if c.startswith("text_encoder"))
     keyed = [set_key(s or (), "text_encoder") for s in sets]
     by_sha = {a.sha256: (a, w) for s in sets if s for a, w in s}
-    rows_out: list[torch.Tensor | None] = [None] * len(texts)
+    rows_out: list = [None] * len(texts)
     for key, rows in _groups(keyed).items():
         subset = tuple((by_sha[sha][0], w) for sha, w in key)
         before = pipeline.text_adapter_key

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -118,9 +119,9 @@ class Pipeline:
         self.tokenizer_2 = tokenizer_2
         self.text_encoder_2 = text_encoder_2
         self.family = family
-        self.text = conditioning.TextEncoders(
-            family, [(t, e) for t, e in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)) if e is not None],
-            force_zeros_for_empty_prompt)
+        alive = weakref.ref(self)  # no cycle: a dropped pipeline frees its weights at once
+        self.text = conditioning.TextEncoders(family, lambda: alive().text_components(),
+                                              force_zeros_for_empty_prompt)
         self.unet = unet
         self.vae = vae
         self.scheduler_config = dict(scheduler_config)
@@ -149,6 +150,11 @@ class Pipeline:
         self._compiled: tuple[torch.nn.Module, Any] | None = None
         self._clone_output = False
         self.batch_bucket: int | None = None
+
+    def text_components(self) -> list[tuple[Any, torch.nn.Module]]:
+        """The (tokenizer, text encoder) pairs this family reads, first to last."""
+        pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+        return [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
 
     def compile(self, batch_size: int | None = None, *, mode: str | None = None,
                 backend: str = "inductor") -> None:
@@ -399,40 +405,52 @@ class Pipeline:
         device, and its LoRAs), so a repeated prompt or negative prompt skips the text
         encoder. ``adapters``: one LoRA set per text (``request.loras``' entries).
         """
-        return torch.stack(self._text_rows(list(texts), "plain", adapters))
+        return torch.stack([context for context, _ in self._text_rows(list(texts), "plain", adapters)])
 
     def encode_prompts(self, texts: list[str], syntax: str = "plain",
                        adapters: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet context (B, S, D) of the texts read in ``syntax``, and its key mask
         (B, S) where the texts' lengths differ (None where they do not). Plain texts are
         77 tokens each; web-UI ones 77 per chunk, cached by their parsed chunks."""
-        return prompt_encoding.pad_contexts(self._text_rows(list(texts), syntax, adapters))
+        return prompt_encoding.pad_contexts(
+            [context for context, _ in self._text_rows(list(texts), syntax, adapters)])
 
-    def _text_rows(self, texts: list[str], syntax: str,
-                   adapters: Sequence | None = None) -> list[torch.Tensor]:
-        """One embedding (S_i, D) per text; texts with text-encoder LoRAs are encoded with
-        their own set patched in (``lora_rows.encode_rows``)."""
+    def sdxl_prompts(self, texts: list[str], syntax: str = "plain", adapters: Sequence | None = None
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """SDXL: one context (S_i, D) per text (77 tokens plain, 77 per chunk in the web
+        UI's syntax) and the pooled embeddings (B, P), in the pipeline's dtype, through the
+        text cache. ``adapters``: one LoRA set per text; both encoders are patched per set
+        (``lora_rows.encode_rows``), the cache keyed by it."""
+        return self._contexts(list(texts), syntax, adapters)
+
+    def _contexts(self, texts: list[str], syntax: str, adapters: Sequence | None
+                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One context per text, and the pooled embeddings (B, P) (None: SD 1.x / 2.x)."""
+        contexts, pooled = zip(*self._text_rows(texts, syntax, adapters))
+        return list(contexts), (None if pooled[0] is None else torch.stack(pooled))
+
+    def _text_rows(self, texts: list[str], syntax: str, adapters: Sequence | None = None
+                   ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One (context (S_i, D), pooled (P,) or None) per text, through the text cache;
+        texts with text-encoder LoRAs are encoded with their own set patched in
+        (``lora_rows.encode_rows``)."""
         if adapters is not None and any(adapters):
             from . import lora_rows
 
             return lora_rows.encode_rows(self, texts, adapters,
                                          lambda group: self._text_rows(group, syntax))
-        if syntax == "plain":
-            keys: list = texts
+        keys = self.text.keys(texts, syntax)
+        if self.text_cache_size <= 0:
+            return self._encode(keys, syntax)
+        return self._cached(keys, lambda missing: self._encode(missing, syntax))
 
-            def encode(missing: list) -> list[torch.Tensor]:
-                return list(self._encode_texts(missing))
-        else:
-            keys = [("a1111", prompt_encoding.text_chunks(text, self.tokenizer)) for text in texts]
+    def _encode(self, keys: list, syntax: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``TextEncoders.encode`` in the pipeline's dtype, its rows in fixed-size groups."""
+        rows = self.text.encode(keys, syntax, lambda ids: self._in_groups(self.text.run, ids))
+        return [(c.to(self.dtype), None if p is None else p.to(self.dtype)) for c, p in rows]
 
-            def encode(missing: list) -> list[torch.Tensor]:
-                embeddings = prompt_encoding.encode_chunks(
-                    [chunks for _, chunks in missing], self.tokenizer, self._encode_ids)
-                return [e.to(self.dtype) for e in embeddings]
-        return self._cached(keys, encode) if self.text_cache_size > 0 else encode(keys)
-
-    def _cached(self, keys: list, encode) -> list[torch.Tensor]:
-        """One embedding per key; ``encode(missing keys)`` makes those not cached yet."""
+    def _cached(self, keys: list, encode) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One row per key; ``encode(missing keys)`` makes those not cached yet."""
         model_key = (id(self.text_encoder), self.content_hash, self.dtype, str(self.device),
                      self.text_adapter_key)
         found: dict = {}
@@ -444,18 +462,12 @@ class Pipeline:
         missing = [key for key in dict.fromkeys(keys) if key not in found]
         if missing:
             for key, row in zip(missing, encode(missing)):
-                found[key] = row = row.clone()  # not a view that pins the whole batch
+                # clones, not views that pin the whole batch
+                found[key] = row = tuple(None if t is None else t.clone() for t in row)
                 self._text_cache[(model_key, key)] = row
             while len(self._text_cache) > self.text_cache_size:
                 self._text_cache.popitem(last=False)
         return [found[key] for key in keys]
-
-    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
-        return self._encode_ids(self.tokenizer(texts)).to(self.dtype)  # (B, 77, D)
-
-    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """The text encoder's output for rows of ids (N, 77)."""
-        return self._in_groups(lambda rows: (self.text_encoder(rows[0]),), [ids])[0]
 
     def _in_groups(self, run, ids: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """``run(ids on the device) -> tensors`` over rows of ids (N, 77) in groups of
@@ -474,45 +486,6 @@ class Pipeline:
         cond, mask, guided = self.unet_conditioning(request)
         return cond.context, mask, guided
 
-    def sdxl_prompts(self, texts: list[str], syntax: str = "plain", adapters: Sequence | None = None
-                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """SDXL: one context (S_i, D) per text (77 tokens plain, 77 per chunk in the web
-        UI's syntax) and the pooled embeddings (B, P), in the pipeline's dtype, through the
-        text cache (one entry per text holds both, packed flat: ``conditioning.pack``).
-        ``adapters``: one LoRA set per text; both encoders are patched per set
-        (``lora_rows.encode_rows``), the cache keyed by it."""
-        unpacked = [conditioning.unpack(row, self.text)
-                    for row in self._sdxl_rows(list(texts), syntax, adapters)]
-        return [c for c, _ in unpacked], torch.stack([p for _, p in unpacked])
-
-    def _sdxl_rows(self, texts: list[str], syntax: str,
-                   adapters: Sequence | None = None) -> list[torch.Tensor]:
-        if adapters is not None and any(adapters):
-            from . import lora_rows
-
-            return lora_rows.encode_rows(self, texts, adapters,
-                                         lambda group: self._sdxl_rows(group, syntax))
-
-        def run(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._in_groups(self.text.run, rows)
-
-        if syntax == "plain":
-            keys: list = [("sdxl", text) for text in texts]
-
-            def encode(missing: list) -> list[torch.Tensor]:
-                context, pooled = run([tokenizer([t for _, t in missing]) for tokenizer, _ in self.text.encoders])
-                return list(zip(context, pooled))
-        else:
-            keys = [("sdxl-a1111", self.text.chunks(text)) for text in texts]
-
-            def encode(missing: list) -> list[torch.Tensor]:
-                return list(zip(*conditioning.encode_chunked(self.text, [c for _, c in missing], run)))
-
-        def packed(missing: list) -> list[torch.Tensor]:
-            return [conditioning.pack(c.to(self.dtype), p.to(self.dtype)) for c, p in encode(missing)]
-
-        return self._cached(keys, packed) if self.text_cache_size > 0 else packed(keys)
-
     def unet_conditioning(self, request: GenerationRequest) -> tuple[conditioning.Conditioning,
                                                                     torch.Tensor | None, torch.Tensor]:
         """What the UNet reads besides latents and timesteps (context; SDXL's pooled text
@@ -523,18 +496,10 @@ class Pipeline:
         scale <= 1 run the conditional branch alone, as diffusers does.
         """
         guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
-        if self.text.is_sdxl:
-            cond = conditioning.build(
-                self.text, lambda texts, sets: self.sdxl_prompts(texts, request.prompt_syntax, sets),
-                request.prompts, request.negative_prompts, bool(guided.any()), request.height,
-                request.width, request.extra, self.dtype, self.device, request.loras)
-            return cond, cond.context_mask, guided
-        texts, loras = request.prompts, request.loras
-        if bool(guided.any()):  # one text-encoder pass over the prompts and negatives
-            texts = [*request.negative_prompts, *request.prompts]
-            loras = None if loras is None else [*loras, *loras]
-        context, mask = self.encode_prompts(texts, request.prompt_syntax, loras)
-        return conditioning.Conditioning(context), (None if mask is None else self._to_device(mask)), guided
+        cond = conditioning.build(
+            self.text, lambda texts, sets: self._contexts(texts, request.prompt_syntax, sets), request.prompts, request.negative_prompts, bool(guided.any()),
+            request.height, request.width, request.extra, self.dtype, self.device, request.loras)
+        return cond, cond.context_mask, guided
 
     def initial_noise(self, generators: list[torch.Generator], shape: tuple) -> torch.Tensor:
         # One draw of batch 1 per sample from its own generator, in float32 on the CPU.

@@ -9,8 +9,8 @@ takes that mean over its whole batch, which would make an image depend on its
 batch-mates). A prompt's chunks are joined along the sequence: (chunks x 77, D).
 
 Everything here works per encoder: a family with two text encoders (SDXL) chunks with
-each tokenizer, encodes and rescales each encoder's hidden states on their own
-(``encode_chunks`` twice) and joins them afterwards.
+each tokenizer, encodes and rescales each encoder's hidden states on their own and joins
+them afterwards (``conditioning.TextEncoders.encode``).
 
 Texts of different lengths share a UNet batch by padding the shorter contexts and
 masking the padded keys out of cross-attention (``pad_contexts``), so each text attends
@@ -19,7 +19,7 @@ to exactly its own chunks and an image does not depend on its batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -66,16 +66,6 @@ def emphasize(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
         out[emphasized] = (weighted * scale).to(hidden.dtype)
     return out
-
-
-def encode_chunks(
-    chunked: Sequence[Sequence[Chunk]], tokenizer, encode_ids: Callable[[torch.Tensor], torch.Tensor],
-) -> list[torch.Tensor]:
-    """One embedding (chunks x T, D) per text. ``encode_ids`` maps ids (N, T) to hidden
-    states (N, T, D); all the texts' chunks go through it in one call."""
-    flat = [chunk for chunks in chunked for chunk in chunks]
-    hidden = encode_ids(chunk_ids(flat, tokenizer))
-    return per_text(emphasize(hidden, chunk_weights(flat, hidden.shape[1])), chunked)
 
 
 def first_chunks(chunked: Sequence[Sequence[Chunk]]) -> list[int]:

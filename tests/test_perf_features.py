@@ -4,6 +4,9 @@ channels-last layout, the CPU math attention path, and one UNet call per step fo
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -40,10 +43,15 @@ class Counter:
         self.batches.append(args[0].shape[0])
 
 
+def _uncached(pipe, texts: list[str]) -> torch.Tensor:
+    """The texts' plain embeddings straight from the encoder, past the cache."""
+    return torch.stack([context for context, _ in pipe._encode(texts, "plain")])
+
+
 def test_text_cache_encodes_each_distinct_text_once(pipe):
     encoded: list[list[str]] = []
-    encode = pipe._encode_texts
-    pipe._encode_texts = lambda texts: encoded.append(list(texts)) or encode(texts)
+    encode = pipe._encode  # the texts (plain: the keys) each encoder pass is given
+    pipe._encode = lambda keys, syntax: encoded.append(list(keys)) or encode(keys, syntax)
     first = images(pipe)
     # "a red circle" twice and "" twice: four distinct texts in one encoder pass
     assert encoded == [["", "ugly", "a red circle", "a blue square"]]
@@ -60,8 +68,8 @@ def test_text_cache_encodes_each_distinct_text_once(pipe):
 
 def test_an_embedding_does_not_depend_on_its_batch_mates(pipe):
     seen = Counter(pipe.text_encoder)
-    alone = pipe._encode_texts(["a red circle"])
-    amid = pipe._encode_texts([f"filler {i}" for i in range(5)] + ["a red circle"] + ["x"] * 6)
+    alone = _uncached(pipe, ["a red circle"])
+    amid = _uncached(pipe, [f"filler {i}" for i in range(5)] + ["a red circle"] + ["x"] * 6)
     assert amid.shape[0] == 12
     assert torch.equal(alone[0], amid[5])
     assert set(seen.batches) == {pipeline_module.TEXT_ENCODE_GROUP}  # one shape, padded
@@ -74,12 +82,32 @@ def test_text_cache_is_bounded_and_keyed_by_the_model(pipe):
     pipe.encode_text(["d"])  # most recently used entries survive
     assert {key[-1] for key in pipe._text_cache} == {"b", "c", "d"}
     embedding = pipe.encode_text(["b"])
-    assert torch.allclose(embedding, pipe._encode_texts(["b"]), atol=1e-5)
+    assert torch.allclose(embedding, _uncached(pipe, ["b"]), atol=1e-5)
     other = load_pipeline("builtin:tiny-random", dtype="bfloat16")
     other._text_cache = pipe._text_cache  # shared dict: the key still tells models apart
     assert other.encode_text(["b"]).dtype == torch.bfloat16
     pipe.clear_text_cache()
     assert not pipe._text_cache
+
+
+def test_a_swapped_tokenizer_is_used_and_a_dropped_pipeline_is_freed_at_once():
+    pipe = load_pipeline("builtin:tiny-random")
+    before = pipe.encode_text(["a red circle"])
+    pipe.clear_text_cache()
+    pipe.tokenizer = lambda texts: torch.ones((len(texts), 77), dtype=torch.long)  # all "
+    swapped = pipe.encode_text(["a red circle"])
+    assert not torch.equal(before, swapped)
+    assert torch.allclose(swapped, pipe.text_encoder(torch.ones((1, 77), dtype=torch.long)), atol=1e-6)
+    # no reference cycle holds the weights: dropping the last reference frees them (GPU
+    # memory at once, not at the next garbage collection)
+    gc.collect()
+    gc.disable()
+    try:
+        alive = weakref.ref(pipe)
+        del pipe
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 def test_chunked_decode_equals_whole_batch(pipe):

@@ -70,12 +70,12 @@ def test_image_in_a_batch_equals_the_image_alone(pipe, rows):
 def test_cache_keys_on_the_parsed_form(pipe):
     pipe.clear_text_cache()
     calls = []
-    encode = pipe._encode_ids
-    pipe._encode_ids = lambda ids: calls.append(ids.shape[0]) or encode(ids)
+    encode = pipe._encode
+    pipe._encode = lambda keys, syntax: calls.append(len(keys)) or encode(keys, syntax)
     try:
         first, _ = pipe.encode_prompts(["a (cat)"], "a1111")
         again, _ = pipe.encode_prompts(["a (cat:1.1)", "a  (cat) <lora:x:0.5>"], "a1111")
-        assert calls == [1]  # one chunk, encoded once for three spellings of one prompt
+        assert calls == [1]  # one text, encoded once for three spellings of one prompt
         assert torch.equal(first[0], again[0]) and torch.equal(first[0], again[1])
         pipe.encode_prompts(["a (cat:1.2)"], "a1111")
         assert calls == [1, 1]
@@ -83,7 +83,7 @@ def test_cache_keys_on_the_parsed_form(pipe):
         pipe.encode_prompts(["a (cat)"], "plain")
         assert calls == [1, 1, 1]
     finally:
-        pipe._encode_ids = encode
+        del pipe._encode
 
 
 def test_chunk_ids_use_the_tokenizers_pad_token():
