@@ -9,6 +9,7 @@ layout: ``lora_unet_*``, ``lora_te_*``, ``lora_down`` / ``lora_up`` / ``alpha``)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,20 +49,23 @@ def random_peft(model: nn.Module, endings, rank: int, seed: int, strength: float
     return state
 
 
+def _metadata(state, endings, alpha: float | None, rank: int) -> dict | None:
+    """The LoraConfig metadata diffusers records beside a component's weights."""
+    if alpha is None or not state:
+        return None
+    return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(endings)}
+
+
 def save_peft(path: Path, unet_state=None, text_state=None, alpha: float | None = None,
               rank: int = 4) -> Path:
     """diffusers' own writer; with ``alpha``, the LoraConfig metadata it records."""
     from diffusers import StableDiffusionPipeline
 
-    def meta(state, endings):
-        if alpha is None or not state:
-            return None
-        return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(endings)}
-
     StableDiffusionPipeline.save_lora_weights(
         path.parent, unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
-        weight_name=path.name, unet_lora_adapter_metadata=meta(unet_state, UNET_ATTENTION),
-        text_encoder_lora_adapter_metadata=meta(text_state, TEXT))
+        weight_name=path.name,
+        unet_lora_adapter_metadata=_metadata(unet_state, UNET_ATTENTION, alpha, rank),
+        text_encoder_lora_adapter_metadata=_metadata(text_state, TEXT, alpha, rank))
     return path
 
 
@@ -123,17 +127,12 @@ def save_peft_sdxl(path: Path, unet_state=None, text_state=None, text_2_state=No
     LoraConfig metadata it records when ``alpha`` is given."""
     from diffusers import StableDiffusionXLPipeline
 
-    def meta(state, endings):
-        if alpha is None or not state:
-            return None
-        return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(endings)}
-
     StableDiffusionXLPipeline.save_lora_weights(
         path.parent, unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
         text_encoder_2_lora_layers=text_2_state, weight_name=path.name,
-        unet_lora_adapter_metadata=meta(unet_state, UNET_ATTENTION),
-        text_encoder_lora_adapter_metadata=meta(text_state, TEXT),
-        text_encoder_2_lora_adapter_metadata=meta(text_2_state, TEXT))
+        unet_lora_adapter_metadata=_metadata(unet_state, UNET_ATTENTION, alpha, rank),
+        text_encoder_lora_adapter_metadata=_metadata(text_state, TEXT, alpha, rank),
+        text_encoder_2_lora_adapter_metadata=_metadata(text_2_state, TEXT, alpha, rank))
     return path
 
 
@@ -146,3 +145,50 @@ def assert_close(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
 
 def mean_change(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.abs(x.astype(np.int16) - y.astype(np.int16)).mean())
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows an oracle test draws, by diffusers alone and by ours in one batch."""
+
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    side: int
+    steps: int
+    sampler: str
+    empty_negative_as_none: bool = False  # SDXL: diffusers zeroes a None negative as we do ""
+
+    def diffusers(self, pipe, i: int, adapters: dict[str, float]) -> np.ndarray:
+        """The image diffusers draws for row i alone with ``adapters`` set (unfused)."""
+        if adapters:
+            pipe.enable_lora()
+            pipe.set_adapters(list(adapters), list(adapters.values()))
+        else:
+            pipe.disable_lora()
+        negative = self.negatives[i] or (None if self.empty_negative_as_none else "")
+        out = pipe(prompt=[self.prompts[i]], negative_prompt=None if negative is None else [negative],
+                   num_inference_steps=self.steps, guidance_scale=7.5,
+                   generator=[torch.Generator("cpu").manual_seed(self.seeds[i])],
+                   height=self.side, width=self.side, output_type="np").images
+        return (out[0] * 255).round().astype(np.uint8)
+
+    def ours(self, ours, loras, n: int | None = None) -> list[np.ndarray]:
+        """Ours on the first ``n`` rows (all by default) in one call, ``loras`` per row."""
+        n = len(self.prompts) if n is None else n
+        images = ours.generate(self.prompts[:n], seeds=self.seeds[:n], negative_prompts=self.negatives[:n],
+                               steps=self.steps, guidance_scale=7.5, sampler=self.sampler,
+                               width=self.side, height=self.side, loras=loras)
+        return [np.asarray(im) for im in images]
+
+    def check_text_encoder_lora(self, ours, pipe, path: str, name: str, what: str) -> None:
+        """A LoRA (``path``, loaded in ``pipe`` as ``name``) on a text encoder only: row 1
+        with it and row 0 without match diffusers; then row 0 with it, served after the
+        text cache saw it without; the row without is never handed its embedding."""
+        mine = self.ours(ours, [{}, {path: 1.0}, {}], n=3)
+        assert_close(mine[1], self.diffusers(pipe, 1, {name: 1.0}), f"{what} row")
+        assert_close(mine[0], self.diffusers(pipe, 0, {}), "row without it")
+        swapped = self.ours(ours, [{path: 1.0}, {}, {}], n=3)
+        assert_close(swapped[0], self.diffusers(pipe, 0, {name: 1.0}), "row 0 with it, cached")
+        assert np.array_equal(swapped[1], self.ours(ours, None, n=3)[1])
+        assert mean_change(swapped[0], mine[0]) > 3

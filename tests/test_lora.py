@@ -22,6 +22,7 @@ PROMPTS = ["a red circle", "a blue square, top left", "green star", "a small dot
 NEGATIVES = ["", "blurry", "", "dark", ""]
 SEEDS = [11, 12, 13, 14, 15]
 SIDE, STEPS, SAMPLER = 32, 3, "euler"
+ROWS = lf.Rows(PROMPTS, NEGATIVES, SEEDS, SIDE, STEPS, SAMPLER)
 
 
 # SD 2.x (v-prediction, linear projections, another CLIP) runs the same checks, slowly
@@ -48,36 +49,16 @@ def family(request, tmp_path_factory):
     return ref, ours, pipe, paths
 
 
-def diffusers_row(pipe, i: int, adapters: dict[str, float]) -> np.ndarray:
-    """The image diffusers draws for row i alone with ``adapters`` set (unfused)."""
-    if adapters:
-        pipe.enable_lora()
-        pipe.set_adapters(list(adapters), list(adapters.values()))
-    else:
-        pipe.disable_lora()
-    out = pipe(prompt=[PROMPTS[i]], negative_prompt=[NEGATIVES[i]], num_inference_steps=STEPS,
-               guidance_scale=7.5, generator=[torch.Generator("cpu").manual_seed(SEEDS[i])],
-               height=SIDE, width=SIDE, output_type="np").images
-    return (out[0] * 255).round().astype(np.uint8)
-
-
-def ours_rows(ours, rows, n=5) -> list[np.ndarray]:
-    images = ours.generate(PROMPTS[:n], seeds=SEEDS[:n], negative_prompts=NEGATIVES[:n],
-                           steps=STEPS, guidance_scale=7.5, sampler=SAMPLER, width=SIDE,
-                           height=SIDE, loras=rows)
-    return [np.asarray(im) for im in images]
-
-
 MIXED = [{}, {"a": 1.0}, {"b": 0.6}, {"a": 1.0, "b": 0.6}, {"a": -0.7}]
 
 
 def test_mixed_batch_matches_diffusers_row_by_row(family):
     ref, ours, pipe, paths = family
     rows = [{paths[k]: w for k, w in row.items()} for row in MIXED]
-    mine = ours_rows(ours, rows)
-    plain = ours_rows(ours, None)
+    mine = ROWS.ours(ours, rows)
+    plain = ROWS.ours(ours, None)
     for i, adapters in enumerate(MIXED):
-        lf.assert_close(mine[i], diffusers_row(pipe, i, adapters), f"row {i} {adapters}")
+        lf.assert_close(mine[i], ROWS.diffusers(pipe, i, adapters), f"row {i} {adapters}")
         if adapters:  # a LoRA silently ignored would pass the comparison above for
             # nothing: diffusers itself must draw a different image with it
             assert lf.mean_change(mine[i], plain[i]) > 3, f"row {i}: the LoRA changed nothing"
@@ -91,9 +72,9 @@ def test_shared_set_is_fused_and_restored_bit_for_bit(family):
     before = {k: v.clone() for k, v in {**ours.unet.state_dict(),
                                          **ours.text_encoder.state_dict()}.items()}
     shared = {"a": 0.8, "b": -0.5}
-    mine = ours_rows(ours, [{paths[k]: w for k, w in shared.items()}] * 3, n=3)
+    mine = ROWS.ours(ours, [{paths[k]: w for k, w in shared.items()}] * 3, n=3)
     for i in range(3):
-        lf.assert_close(mine[i], diffusers_row(pipe, i, shared), f"row {i}")
+        lf.assert_close(mine[i], ROWS.diffusers(pipe, i, shared), f"row {i}")
     after = {**ours.unet.state_dict(), **ours.text_encoder.state_dict()}
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -102,10 +83,4 @@ def test_text_encoder_lora_reaches_prompt_and_negative(family):
     """A text-encoder-only LoRA changes the image (prompt and negative both read with it),
     and the text cache never hands its embedding to a row without it, or back."""
     ref, ours, pipe, paths = family
-    mine = ours_rows(ours, [{}, {paths["c"]: 1.0}, {}], n=3)
-    lf.assert_close(mine[1], diffusers_row(pipe, 1, {"c": 1.0}), "text-encoder LoRA row")
-    lf.assert_close(mine[0], diffusers_row(pipe, 0, {}), "row without it")
-    swapped = ours_rows(ours, [{paths["c"]: 1.0}, {}, {}], n=3)
-    lf.assert_close(swapped[0], diffusers_row(pipe, 0, {"c": 1.0}), "row 0 with it, cached")
-    assert np.array_equal(swapped[1], ours_rows(ours, None, n=3)[1])
-    assert lf.mean_change(swapped[0], mine[0]) > 3
+    ROWS.check_text_encoder_lora(ours, pipe, paths["c"], "c", "text-encoder LoRA")

@@ -16,7 +16,6 @@ import warnings
 import lora_files as lf
 import numpy as np
 import pytest
-import torch
 
 from ldm_jobs import load_pipeline
 from tests.tiny_sd import make_reference
@@ -26,6 +25,7 @@ PROMPTS = ["a red circle", "a blue square, top left", "green star", "a small dot
 NEGATIVES = ["", "blurry", "", "dark"]  # "" is all zeros on SDXL, LoRA or not
 SEEDS = [21, 22, 23, 24]
 SIDE, STEPS, SAMPLER = 32, 2, "euler"
+ROWS = lf.Rows(PROMPTS, NEGATIVES, SEEDS, SIDE, STEPS, SAMPLER, empty_negative_as_none=True)
 
 
 @pytest.fixture(scope="module")
@@ -59,36 +59,15 @@ def sdxl(tmp_path_factory):
     return ours, pipe, paths
 
 
-def diffusers_row(pipe, i: int, adapters: dict[str, float]) -> np.ndarray:
-    """The image diffusers draws for row i alone with ``adapters`` set (unfused)."""
-    if adapters:
-        pipe.enable_lora()
-        pipe.set_adapters(list(adapters), list(adapters.values()))
-    else:
-        pipe.disable_lora()
-    out = pipe(prompt=[PROMPTS[i]], negative_prompt=[NEGATIVES[i]] if NEGATIVES[i] else None,
-               num_inference_steps=STEPS, guidance_scale=7.5,
-               generator=[torch.Generator("cpu").manual_seed(SEEDS[i])],
-               height=SIDE, width=SIDE, output_type="np").images
-    return (out[0] * 255).round().astype(np.uint8)
-
-
-def ours_rows(ours, rows, n=4) -> list[np.ndarray]:
-    images = ours.generate(PROMPTS[:n], seeds=SEEDS[:n], negative_prompts=NEGATIVES[:n],
-                           steps=STEPS, guidance_scale=7.5, sampler=SAMPLER, width=SIDE,
-                           height=SIDE, loras=rows)
-    return [np.asarray(im) for im in images]
-
-
 MIXED = [{}, {"a": 1.0}, {"b": 0.6}, {"a": 1.0, "b": 0.6}]
 
 
 def test_mixed_batch_matches_diffusers_row_by_row(sdxl):
     ours, pipe, paths = sdxl
-    mine = ours_rows(ours, [{paths[k]: w for k, w in row.items()} for row in MIXED])
-    plain = ours_rows(ours, None)
+    mine = ROWS.ours(ours, [{paths[k]: w for k, w in row.items()} for row in MIXED])
+    plain = ROWS.ours(ours, None)
     for i, adapters in enumerate(MIXED):
-        lf.assert_close(mine[i], diffusers_row(pipe, i, adapters), f"row {i} {adapters}")
+        lf.assert_close(mine[i], ROWS.diffusers(pipe, i, adapters), f"row {i} {adapters}")
         if adapters:  # a LoRA silently ignored must not pass
             assert lf.mean_change(mine[i], plain[i]) > 3, f"row {i}: the LoRA changed nothing"
         else:
@@ -99,13 +78,7 @@ def test_second_text_encoder_lora_alone_and_the_text_cache(sdxl):
     """A LoRA on text_encoder_2 alone changes the image (context and pooled embedding),
     and the text cache never hands its embedding to a row without it, or back."""
     ours, pipe, paths = sdxl
-    mine = ours_rows(ours, [{}, {paths["c"]: 1.0}, {}], n=3)
-    lf.assert_close(mine[1], diffusers_row(pipe, 1, {"c": 1.0}), "text-encoder-2 LoRA row")
-    lf.assert_close(mine[0], diffusers_row(pipe, 0, {}), "row without it")
-    swapped = ours_rows(ours, [{paths["c"]: 1.0}, {}, {}], n=3)
-    lf.assert_close(swapped[0], diffusers_row(pipe, 0, {"c": 1.0}), "row 0 with it, cached")
-    assert np.array_equal(swapped[1], ours_rows(ours, None, n=3)[1])
-    assert lf.mean_change(swapped[0], mine[0]) > 3
+    ROWS.check_text_encoder_lora(ours, pipe, paths["c"], "c", "text-encoder-2 LoRA")
 
 
 def test_sd1_lora_on_sdxl_names_the_file_and_key(sdxl, tmp_path):
