@@ -171,7 +171,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         # Ray clusters started with token authentication (Ray's default since 2.5x) answer
         # 401/403; Ray's own `ray job submit` needs the same token and setting.
         first = str(error).strip().splitlines()[0] if str(error).strip() else "unauthorized"
-        from ldm_jobs.jobs.runner import TOKEN_HINT
+        from ldm_jobs.jobs.cluster import TOKEN_HINT
 
         raise CliError(f"submit to {address} failed: {first}. The cluster wants a Ray auth "
                        f"token: {TOKEN_HINT}, as `ray job submit` needs too") from None

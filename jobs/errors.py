@@ -10,3 +10,9 @@ class JobFailed(RuntimeError):
 
 class ModelLoadError(JobFailed):
     """The model named by the spec could not be loaded by a worker."""
+
+
+def last_line(exc: BaseException) -> str:
+    """The exception line at the end of a remote traceback, without Ray's framing."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -1,4 +1,6 @@
-"""The Ray driver: every line of Ray-specific code in the project lives here.
+"""The Ray driver: shards dispatched over an actor pool, and `run_job`, which runs a job
+in-process or through Ray. Getting connected to a cluster is `cluster.py`; what the
+driver watches while it runs is `liveness.py` and `metrics.py`.
 
 Why Ray core actors rather than Ray Data `map_batches`: the unit of work is a whole
 shard that a worker generates *and commits* itself, so there is no dataset to stream
@@ -18,20 +20,25 @@ errors, the manifest and `_SUCCESS`.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import AuthenticationError, RayError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from ldm_jobs.jobs import sinks
-from ldm_jobs.jobs.errors import JobFailed, ModelLoadError
+from ldm_jobs.jobs.cluster import (
+    JOIN_HINT,
+    check_address,
+    check_placeable,
+    cluster_endpoints,
+    ray_session,
+)
+from ldm_jobs.jobs.errors import JobFailed, ModelLoadError, last_line
 from ldm_jobs.jobs.inprocess import PERMANENT_NOTE, run_in_process
 from ldm_jobs.jobs.liveness import Liveness
 from ldm_jobs.jobs.metrics import JobMetrics
@@ -57,9 +64,6 @@ AUTO_RESIZE_SECONDS = 2.0
 WAIT_NOTE_SECONDS = 60.0
 # A local Ray start taking more than this share of a job's wall time is worth a hint.
 START_NOTE_SHARE = 0.25
-# How long a named cluster's port may take to accept a TCP connection before `run` says it
-# is unreachable (Ray itself would retry for minutes, printing only warnings).
-ADDRESS_PROBE_SECONDS = 10.0
 
 WorkerFactory = Callable[..., Any]
 
@@ -145,12 +149,6 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
 
 
-def _last_line(exc: BaseException) -> str:
-    """The exception line at the end of a remote traceback, without Ray's framing."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
-
-
 class _Dispatch:
     """The driver's loop: keep every actor busy, replace lost ones, retry shards (bounded)."""
 
@@ -192,7 +190,7 @@ class _Dispatch:
                     slot, shard = self.idle.popleft(), self.queue.popleft()
                     self.running[self.pool.submit(slot, shard)] = slot, shard
                 if self.auto and time.monotonic() - self.sized_at >= AUTO_RESIZE_SECONDS:
-                    self._grow()
+                    self._resize()
                 if not self.running and not self.booting:
                     raise JobFailed("no actor is left to run the remaining shards")
                 self.metrics.queue(len(self.queue))
@@ -214,16 +212,24 @@ class _Dispatch:
         return self.results
 
     # ---- compute.actors: auto ----------------------------------------------------------
-    def _target(self, shards_left: int) -> int:
-        """Actors for `auto`: one per slot of the cluster's live nodes (gpus_per_actor
-        GPUs, else one CPU), at most max_actors and shards left, at least one."""
+    def _capacity(self) -> int:
+        """Actor slots on the cluster's live nodes (gpus_per_actor GPUs, else one CPU, per
+        actor), at most max_actors."""
         resources, gpus = ray.cluster_resources(), self.spec.compute.gpus_per_actor
         slots = int(resources.get("GPU", 0.0) // gpus) if gpus else int(
             resources.get("CPU", 0.0))
-        return max(1, min(self.spec.compute.max_actors, slots, shards_left))
+        return min(self.spec.compute.max_actors, slots)
 
-    def _grow(self) -> None:
-        """Start actors for slots that nodes brought since the last look."""
+    def _target(self, shards_left: int) -> int:
+        """Actors for `auto`: one per slot, no more than shards left, at least one."""
+        return max(1, min(self._capacity(), shards_left))
+
+    def _resize(self) -> None:
+        """Start actors for slots that nodes brought since the last look, and give up
+        restarted actors whose slots have left. (An actor dies with its node at once, but
+        Ray counts the node's resources until it has declared the node dead, tens of
+        seconds later on a real cluster: the actor restarted meanwhile waits for a slot
+        that is gone.)"""
         self.sized_at = time.monotonic()
         target = self._target(len(self.queue) + len(self.running))
         if target > len(self.pool.actors):
@@ -233,15 +239,22 @@ class _Dispatch:
             slot, self.next_slot = self.next_slot, self.next_slot + 1
             self.booting[self.pool.start(slot)] = slot
         self.n_actors = max(self.n_actors, len(self.pool.actors))
+        spare = len(self.pool.actors) - max(1, self._capacity())
+        for ref, slot in list(self.booting.items())[:max(0, spare)]:
+            del self.booting[ref]
+            self._drop(slot)
 
     def _shrinks(self, slot: int) -> bool:
         """With `auto`, a lost actor whose slot left with its node is not replaced."""
         if not self.auto or len(self.pool.actors) <= self._target(
                 len(self.queue) + len(self.running)):
             return False
+        self._drop(slot)
+        return True
+
+    def _drop(self, slot: int) -> None:
         self.pool.drop(slot)
         self.progress.note(f"actors: auto: a node left; {len(self.pool.actors)} actor(s) now")
-        return True
 
     def _note_waiting(self) -> None:
         if self.booting:
@@ -257,7 +270,7 @@ class _Dispatch:
             if getattr(exc, "actor_init_failed", False):
                 # The actor could not even be built (the project's code missing or broken
                 # on the workers): the same on every retry.
-                raise JobFailed(f"workers could not start: {_last_line(exc)}") from None
+                raise JobFailed(f"workers could not start: {last_line(exc)}") from None
             self.boot_deaths += 1  # the process died while loading
             allowed = self.max_attempts * (self.n_actors if self.loaded_once else 1)
             if self.boot_deaths >= allowed:
@@ -299,176 +312,6 @@ class _Dispatch:
             raise JobFailed(f"shard {shard.name} failed {tries} times; last error: {error}")
         self.progress.note(f"shard {shard.name}: {error}; retrying")
         self.queue.appendleft(shard)
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None = None) -> Iterator[bool]:
-    """Join `address` (`run_job` resolves --address or RAY_ADDRESS into it), else start a
-    local Ray; reuse one already up.
-
-    Yields whether Ray was started here, and shuts down only what it started.
-    """
-    if ray.is_initialized():
-        yield False
-        return
-    quiet_ray_banners()
-    if address:
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, RayError) as error:
-            raise JobFailed(_join_failure(address, error)) from None
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield address is None
-    finally:
-        ray.shutdown()
-
-
-class _DropBanners(logging.Filter):
-    """Drops the notices Ray prints on every local start ("Token authentication is enabled
-    for this Ray cluster..."): noise on each CLI run. Ray's own log files keep them."""
-
-    BANNERS = ("Token authentication is enabled for this Ray cluster",)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.BANNERS)
-
-
-def quiet_ray_banners() -> None:
-    """Keep Ray's start-up banners out of this process's output (idempotent)."""
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _DropBanners) for f in logger.filters):
-        logger.addFilter(_DropBanners())
-
-
-def _cluster_endpoints() -> dict[str, tuple[str, int]]:
-    """The head's GCS and this machine's raylet: the two a driver cannot work without.
-    Read from Ray's own state; a connection without them (Ray client) is not watched."""
-    endpoints: dict[str, tuple[str, int]] = {}
-    if not ray.is_initialized():  # (get_runtime_context would start a Ray)
-        return endpoints
-    with contextlib.suppress(Exception):  # private state: missing parts mean "not watched"
-        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
-        endpoints["the head's GCS"] = (host, int(port))
-        node = ray._private.worker.global_worker.node
-        endpoints["this machine's raylet"] = (node.node_ip_address, int(node.node_manager_port))
-    return endpoints
-
-
-def check_address(address: str, source: str = "--address") -> None:
-    """Fail at once, with a message, on an address Ray would reject with a traceback (a
-    dashboard URL) or retry for minutes (nothing listening there)."""
-    if address == "local":
-        return
-    given = address
-    if address == "auto":  # the Ray that `ray start` recorded on this machine, if any
-        try:
-            from ray._private.services import canonicalize_bootstrap_address_or_die
-        except ImportError:  # a private helper: without it, Ray judges at ray.init
-            return
-        try:
-            address = canonicalize_bootstrap_address_or_die("auto")
-        except ConnectionError as error:
-            raise JobFailed(f"{source} auto: {_last_line(error)}") from None
-    if address.startswith(("http://", "https://")):
-        raise JobFailed(
-            f"{source} {address}: that is a dashboard / Jobs API address; `run` joins a "
-            "cluster by its GCS address (HEAD:6379) or ray://HEAD:10001. To hand the job to "
-            f"the cluster instead, use `ldm-jobs submit JOB.yaml --address {address}`")
-    host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if not colon or not port.isdigit():
-        return  # a form we do not know: let Ray judge it
-    host = host.strip("[]")
-    try:
-        socket.create_connection((host, int(port)), timeout=ADDRESS_PROBE_SECONDS).close()
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise JobFailed(
-            f"{source} {address}: nothing answers at {host}:{port} ({reason}); is the Ray "
-            "head up, and is this its GCS port (6379) or its client port (ray://, 10001)?"
-        ) from None
-    if not address.startswith("ray://"):
-        refusal = _token_refusal(host, int(port), auto=given == "auto")
-        if refusal:
-            raise JobFailed(f"could not join the Ray cluster at {address}: {refusal}")
-
-
-JOIN_HINT = ("later runs on this machine join it by themselves; one that names its address "
-             "(--address, RAY_ADDRESS) needs RAY_AUTH_MODE=token and the cluster's token "
-             "(RAY_AUTH_TOKEN or ~/.ray/auth_token) when the head uses token auth, as "
-             "`ray start` does once ~/.ray/auth_token exists; stop it with `ray stop`")
-TOKEN_HINT = ("make the cluster's token available (RAY_AUTH_TOKEN, or the file "
-              "~/.ray/auth_token or RAY_AUTH_TOKEN_PATH) and set RAY_AUTH_MODE=token")
-
-
-def _local_token() -> str | None:
-    """The token Ray would send, from where Ray reads it: RAY_AUTH_TOKEN, else the file
-    named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read().strip() or None
-    except OSError:
-        return None
-
-
-def _token_refusal(host: str, port: int, *, auto: bool = False) -> str | None:
-    """Why the GCS at host:port refuses this machine, asked the way `ray.init` first asks
-    (its cluster id), with the token Ray would send; None when it answers or the question
-    cannot be put. A token-auth cluster answers UNAUTHENTICATED at once, where `ray.init`
-    retries for 20 s printing a warning a second."""
-    try:
-        import grpc
-        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-    except ImportError:  # Ray's internals moved: ray.init judges, slowly but correctly
-        return None
-    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
-    # Ray sends a token with RAY_AUTH_MODE=token; for `auto` also when the mode is unset.
-    token = _local_token() if mode == "token" or (auto and not mode) else None
-    metadata = [("authorization", f"Bearer {token}")] if token else []
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    with grpc.insecure_channel(target) as channel:
-        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
-        try:
-            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), metadata=metadata,
-                              timeout=ADDRESS_PROBE_SECONDS)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.UNAUTHENTICATED:
-                return None
-            if token:
-                return ("it refused this machine's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
-                        "or ~/.ray/auth_token); use the cluster's own token")
-            return f"it wants an authentication token (Ray's token auth); {TOKEN_HINT}"
-    return None
-
-
-def _join_failure(address: str, error: BaseException) -> str:
-    """What went wrong joining `address`, without Ray's chained tracebacks."""
-    chain, seen = [], set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    # Ray keeps the cause as an exception or, from its GCS client, as text in the message.
-    if any(isinstance(e, AuthenticationError) or "InvalidAuthToken" in str(e)
-           or "AuthenticationError" in str(e) for e in chain):
-        return (f"could not join the Ray cluster at {address}: it wants an authentication "
-                f"token (Ray's token auth); {TOKEN_HINT}")
-    return f"could not join the Ray cluster at {address}: {_last_line(chain[0])}"
-
-
-def _check_placeable(spec: JobSpec) -> None:
-    """On a local Ray, asking for GPUs that do not exist would wait forever: fail now."""
-    gpus = spec.compute.gpus_per_actor
-    if gpus > 0 and ray.cluster_resources().get("GPU", 0.0) < gpus:
-        raise JobFailed(
-            f"compute.gpus_per_actor: {gpus} GPU(s) per actor asked, but the local Ray has "
-            f"{ray.cluster_resources().get('GPU', 0.0):g}; set it to 0 or join a GPU cluster "
-            "with --address"
-        )
 
 
 def runs_in_process(spec: JobSpec, named: str | None, ray_up: bool) -> bool:
@@ -526,9 +369,9 @@ def run_job(
         with ray_session(named) as started_here:
             ray_start = time.monotonic() - ray_started if started_here else 0.0
             if started_here:
-                _check_placeable(spec)
+                check_placeable(spec)
             pool = _Pool(spec, _actor_options(spec), worker_factory)
-            with Liveness(_cluster_endpoints()).watching():
+            with Liveness(cluster_endpoints()).watching():
                 _Dispatch(spec, pending, pool, max_attempts, bar).run()
     wall_seconds = time.monotonic() - started
     if ray_start > START_NOTE_SHARE * wall_seconds:

@@ -85,7 +85,7 @@ def test_run_with_an_address_it_cannot_join_fails_fast_and_keeps_the_output(
 
 
 def test_a_cluster_that_wants_a_token_is_named_as_such() -> None:
-    from ldm_jobs.jobs.runner import _join_failure
+    from ldm_jobs.jobs.cluster import join_failure
 
     # Ray's GCS client keeps the authentication failure as text inside a RuntimeError,
     # the context of the ConnectionError that ray.init raises.
@@ -96,8 +96,8 @@ def test_a_cluster_that_wants_a_token_is_named_as_such() -> None:
         except RuntimeError:
             raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from None
     except ConnectionError as error:
-        assert "RAY_AUTH_MODE=token" in _join_failure("10.0.0.1:6379", error)
-    other = _join_failure("h:1", ConnectionError("refused"))
+        assert "RAY_AUTH_MODE=token" in join_failure("10.0.0.1:6379", error)
+    other = join_failure("h:1", ConnectionError("refused"))
     assert other == "could not join the Ray cluster at h:1: refused"
 
 

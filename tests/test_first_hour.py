@@ -256,7 +256,7 @@ def token_gcs():
 def test_joining_a_token_cluster_without_the_token_fails_at_once(tmp_path, job,
                                                                  token_gcs) -> None:
     """Without the fix Ray retried for 20 s, printing a gcs_client warning a second."""
-    from ldm_jobs.jobs.runner import TOKEN_HINT
+    from ldm_jobs.jobs.cluster import TOKEN_HINT
 
     address = f"127.0.0.1:{token_gcs.port}"
     env = {k: v for k, v in os.environ.items()
@@ -272,7 +272,8 @@ def test_joining_a_token_cluster_without_the_token_fails_at_once(tmp_path, job,
 
 
 def test_a_wrong_token_is_named_as_such(tmp_path, token_gcs, monkeypatch) -> None:
-    from ldm_jobs.jobs.runner import JobFailed, check_address
+    from ldm_jobs.jobs.cluster import check_address
+    from ldm_jobs.jobs.errors import JobFailed
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-cluster-token-0000000000")
@@ -298,7 +299,7 @@ def test_a_real_token_head_is_refused_at_once_and_joined_with_the_token(tmp_path
     """A real Ray head with token auth (a local `ray.init` with RAY_AUTH_MODE=token, in a
     process of its own, stopped by closing its stdin): `run` without the token stops at
     once with the one message; the probe lets the right token through."""
-    from ldm_jobs.jobs.runner import TOKEN_HINT, check_address
+    from ldm_jobs.jobs.cluster import TOKEN_HINT, check_address
 
     token = "5eb0c7c2a1f04b6e9d3f28a7c4e1b0d9"
     base = {k: v for k, v in os.environ.items()
@@ -333,7 +334,7 @@ def test_a_real_token_head_is_refused_at_once_and_joined_with_the_token(tmp_path
 
 
 def test_the_advice_to_keep_a_head_up_says_what_joining_needs() -> None:
-    from ldm_jobs.jobs.runner import JOIN_HINT
+    from ldm_jobs.jobs.cluster import JOIN_HINT
 
     readme = (ROOT / "README.md").read_text()
     for text in (JOIN_HINT, readme[readme.index("ray start --head"):][:800]):
@@ -505,7 +506,7 @@ def test_submit_env_errors(tmp_path, job, monkeypatch, capsys, given, expected) 
 def test_ray_token_banner_is_filtered_from_our_output(caplog) -> None:
     from ray._private.authentication import authentication_token_setup as setup
 
-    from ldm_jobs.jobs.runner import quiet_ray_banners
+    from ldm_jobs.jobs.cluster import quiet_ray_banners
 
     logger = logging.getLogger(setup.__name__)
     with caplog.at_level(logging.WARNING, logger=setup.__name__):

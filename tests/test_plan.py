@@ -291,7 +291,7 @@ def test_a_slow_local_ray_start_gets_a_hint(tmp_path, monkeypatch, capsys, fake_
         worker = ShardWorker(self.spec, pipeline=fake_pipeline)
         return [worker.run(shard) for shard in self.queue]
 
-    monkeypatch.setattr(runner, "_check_placeable", lambda spec: None)
+    monkeypatch.setattr(runner, "check_placeable", lambda spec: None)
     monkeypatch.setattr(runner, "_actor_options", lambda spec: {})
     monkeypatch.setattr(runner._Dispatch, "run", in_process)
     # a Ray that was already up (or a start that is a small part of the job): no hint; this
