@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .configs import TextConfig, UNetConfig, VAEConfig
+from .hashing import modules_hash
 from .pipeline import Pipeline, resolve_dtype, vae_dtype
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -45,17 +46,6 @@ TINY_TEXT = TextConfig(
 )
 
 
-def content_hash(modules: dict[str, torch.nn.Module]) -> str:
-    """sha256 over every parameter's name, dtype, shape and bytes, in a fixed order."""
-    digest = hashlib.sha256()
-    for prefix in sorted(modules):
-        for key, tensor in sorted(modules[prefix].state_dict().items()):
-            t = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{prefix}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
 def build_tiny_random(device, dtype) -> Pipeline:
     from .text_encoder import CLIPTextModel
     from .tokenizer import CLIPTokenizer
@@ -71,7 +61,7 @@ def build_tiny_random(device, dtype) -> Pipeline:
             for p in module.parameters():
                 if p.ndim > 1:
                     p.data.normal_(0.0, 1.0 / max(1.0, p[0].numel() ** 0.5))
-    digest = content_hash({"unet": unet, "vae": vae, "text_encoder": text})
+    digest = modules_hash({"unet": unet, "vae": vae, "text_encoder": text})
     return assemble(CLIPTokenizer.default(), text, unet, vae, SD1_SCHEDULER,
                     name="builtin:tiny-random", digest=digest, device=device, dtype=dtype)
 
@@ -156,6 +146,7 @@ def check_source(source: str, storage=None) -> None:
     fit a known family (the loader's own inference); ``s3://`` objects must exist.
     """
     from . import weights
+    from .checkpoint_files import open_source
 
     if not isinstance(source, str) or not source:
         raise ValueError("model source must be a non-empty string")
@@ -186,7 +177,7 @@ def check_source(source: str, storage=None) -> None:
             if component in configs:  # as loading does: text encoders the folder has
                 weights._folder_weights(path, component, torch.float32)
         return
-    weights._single_file_parts(path, weights._open_source(path), {}, weights._Problems())
+    weights._single_file_parts(path, open_source(path), {}, weights._Problems())
 
 
 def load(source: str, *, device="cpu", dtype="float32", config: str | None = None, storage=None) -> Pipeline:

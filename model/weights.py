@@ -11,137 +11,29 @@ plan, check, execute:
 3. execute: tensor by tensor from the memory-mapped file, cast on the way, assigned
    into the meta-built model. No second full copy of the weights ever exists.
 
-Pickled checkpoints are read only through ``torch.load(weights_only=True)``: a file
-that needs anything beyond plain tensors is refused, never executed.
+Files are read through ``checkpoint_files`` (pickles only as plain tensors); the
+content hash that names the weights is ``hashing.files_hash``, computed beside the load.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
-import pickle
 import re
-import threading
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from . import convert_ldm as ldm
+from .checkpoint_files import CheckpointError, Source, open_source
 from .configs import ConfigError, TextConfig, UNetConfig, VAEConfig, family_of, from_dict, read_json
+from .hashing import BackgroundHash
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 _SHOWN = 12  # keys listed per kind in an error; the rest are counted
-
-
-class CheckpointError(Exception):
-    """A weights file that cannot be read or does not fit the model; names file and keys."""
-
-
-# ----------------------------------------------------------------------- reading
-
-class _Source:
-    """Lazy access to one weights file: key list and shapes without reading data."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def keys(self) -> list[str]:
-        raise NotImplementedError
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def get(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class _SafetensorsSource(_Source):
-    def __init__(self, path: Path):
-        super().__init__(path)
-        try:
-            self._file = safe_open(str(path), framework="pt", device="cpu")
-            self._keys = list(self._file.keys())
-        except Exception as e:  # safetensors raises its own untyped errors
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-    def keys(self) -> list[str]:
-        return self._keys
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._file.get_slice(key).get_shape())
-
-    def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._file.get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
-
-
-class _DictSource(_Source):
-    """A pickled checkpoint, already loaded (memory-mapped where the format allows)."""
-
-    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]):
-        super().__init__(path)
-        self._tensors = tensors
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    # mmap needs torch's zip format; the legacy format is read whole
-    mmap = zipfile.is_zipfile(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        # torch's message is long; the line naming the refused global or opcode is the news
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")), "")
-        reason = reason.rstrip(".") or (lines[-1] if lines else "")
-        raise CheckpointError(
-            f"{path}: refused: not a plain weights file; torch.load(weights_only=True) stopped at: "
-            f"{reason!r}. Unpickling anything beyond tensors could run code. If you trust the file, "
-            "convert it to .safetensors."
-        ) from None
-    except Exception as e:  # truncated zip, bad magic number, ...
-        raise CheckpointError(f"{path}: not a readable checkpoint file ({type(e).__name__}: {e})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # Lightning-style checkpoints wrap the weights
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
-    # non-tensor entries (step counters and the like) are not weights
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _open_source(path: str | Path) -> _Source:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file")
-    if path.suffix == ".safetensors":
-        return _SafetensorsSource(path)
-    if path.suffix in PICKLE_SUFFIXES:
-        return _DictSource(path, _torch_load(path))
-    raise CheckpointError(f"{path}: unknown weights format (expected one of {list(SINGLE_FILE_SUFFIXES)})")
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a ``.safetensors`` / ``.ckpt`` / ``.pt`` / ``.bin`` file, on the CPU."""
-    source = _open_source(path)
-    return {key: source.get(key) for key in source.keys()}
 
 
 # ------------------------------------------------------------------ plan + check
@@ -171,7 +63,7 @@ class _Problems:
 
 
 def check_plan(
-    component: str, plan: ldm.Plan, source: _Source, model: torch.nn.Module, problems: _Problems,
+    component: str, plan: ldm.Plan, source: Source, model: torch.nn.Module, problems: _Problems,
     optional: frozenset[str] = frozenset(),
 ) -> None:
     """Compare a plan with a (meta-built) model; record every disagreement in ``problems``.
@@ -190,7 +82,7 @@ def check_plan(
             problems.misshaped.append(f"{ref.key}: file {list(shape)} vs model {list(expected[key])} ({component}: {key})")
 
 
-def _materialize(plan: ldm.Plan, source: _Source, device: torch.device | str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _materialize(plan: ldm.Plan, source: Source, device: torch.device | str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     for key, ref in plan.items():
         tensor = ldm.OPS[ref.op][0](source.get(ref.key), ref.part)
         target = dtype if tensor.is_floating_point() else tensor.dtype
@@ -277,7 +169,7 @@ class _Part:
 
     config: dict[str, Any]
     plan: ldm.Plan
-    source: _Source
+    source: Source
 
 
 def _load_parts(
@@ -316,7 +208,7 @@ def _prefixed(plan: ldm.Plan, prefix: str) -> ldm.Plan:
     return {k: ldm.Ref(prefix + r.key, r.op, r.part) for k, r in plan.items()}
 
 
-def _split_single_file(source: _Source, problems: _Problems) -> dict[str, dict[str, tuple[int, ...]]]:
+def _split_single_file(source: Source, problems: _Problems) -> dict[str, dict[str, tuple[int, ...]]]:
     """File keys grouped by component (prefix removed) with their shapes."""
     groups: dict[str, dict[str, tuple[int, ...]]] = {name: {} for name in ldm.COMPONENT_PREFIXES}
     for key in source.keys():
@@ -336,7 +228,7 @@ _VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner":
 
 
 def _single_file_parts(
-    path: Path, source: _Source, overrides: dict[str, dict[str, Any]], problems: _Problems,
+    path: Path, source: Source, overrides: dict[str, dict[str, Any]], problems: _Problems,
 ) -> tuple[dict[str, _Part], str]:
     """(component -> part, family) for an original single-file checkpoint."""
     groups = _split_single_file(source, problems)
@@ -411,7 +303,7 @@ def _folder_weights(folder: Path, component: str, dtype: torch.dtype) -> Path:
     raise CheckpointError(f"{folder / component}: no weights file (looked for {[p.name for p in candidates]})")
 
 
-def _folder_plan(source: _Source) -> ldm.Plan:
+def _folder_plan(source: Source) -> ldm.Plan:
     plan = {}
     for key in source.keys():
         if _FOLDER_IGNORED.search(key):
@@ -456,60 +348,6 @@ def _folder_family(folder: Path, configs: dict[str, dict[str, Any]]) -> tuple[st
     return family, options
 
 
-class HashCancelled(Exception):
-    """content_hash stopped early because its caller no longer needs the result."""
-
-
-def content_hash(files: dict[str, Path], stop: threading.Event | None = None) -> str:
-    """sha256 over each file's role, size and full bytes, in sorted role order.
-
-    ``files`` maps a role that does not depend on where the model is stored (say
-    ``unet/config.json``) to a path. It covers every weight and config file that shaped
-    the model, so any change to a weight changes the hash, while copying the model
-    elsewhere or renaming it does not. Reading and hashing 2 GB takes 1-3 s; `load_components`
-    runs it beside the load (`_BackgroundHash`). A set `stop` ends it with HashCancelled.
-    """
-    digest = hashlib.sha256()
-    for role in sorted(files):
-        path = files[role]
-        digest.update(f"{role}:{path.stat().st_size}\n".encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                if stop is not None and stop.is_set():
-                    raise HashCancelled(str(path))
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-class _BackgroundHash:
-    """`content_hash` on a thread while the weights load: file reads and sha256 updates of
-    large chunks release the GIL, so the hash costs the load nothing where a core is free."""
-
-    def __init__(self, files: dict[str, Path]) -> None:
-        self._stop = threading.Event()
-        self._outcome: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._run, args=(files,), daemon=True,
-                                        name="ldm-content-hash")
-        self._thread.start()
-
-    def _run(self, files: dict[str, Path]) -> None:
-        try:
-            self._outcome["hash"] = content_hash(files, self._stop)
-        except BaseException as error:  # handed to the caller by result()
-            self._outcome["error"] = error
-
-    def result(self) -> str:
-        self._thread.join()
-        if "error" in self._outcome:
-            raise self._outcome["error"]
-        return self._outcome["hash"]
-
-    def cancel(self) -> None:
-        """The load failed: stop reading (the thread ends at its next chunk)."""
-        self._stop.set()
-        self._thread.join()
-
-
 def _config_files(folder: Path) -> dict[str, Path]:
     return {f"{p.parent.name}/{p.name}": p for p in folder.glob("*/*.json")}
 
@@ -547,12 +385,12 @@ def load_components(
         files = {c: _folder_weights(path, c, dtype) for c in _MODELS if c in configs}
         parts = {}
         for component, file in files.items():
-            src = _open_source(file)
+            src = open_source(file)
             parts[component] = _Part(configs[component], _folder_plan(src), src)
         hashed = {f"{c}/weights": f for c, f in files.items()} | _config_files(config_dir or path)
         scheduler, tokenizer_dir = configs["scheduler"], config_dir or path
     else:
-        src = _open_source(path)
+        src = open_source(path)
         overrides = _folder_configs(config_dir) if config_dir is not None else {}
         parts, family = _single_file_parts(path, src, overrides, problems)
         hashed = {"checkpoint": path} | (_config_files(config_dir) if config_dir else {})
@@ -561,7 +399,7 @@ def load_components(
         options = {"force_zeros_for_empty_prompt": family == "sdxl"} if family.startswith("sdxl") else {}
         scheduler = overrides.get("scheduler") or dict(ldm.OFFICIAL_SCHEDULERS[family])
         tokenizer_dir = config_dir
-    digest = _BackgroundHash(hashed)
+    digest = BackgroundHash(hashed)
     try:
         models, parsed = _load_parts(parts, path, device, dtype, builder, problems)
     except BaseException:
@@ -591,6 +429,6 @@ def single_file_state_dicts(path: str | Path) -> dict[str, tuple[dict[str, Any],
     """
     path = Path(path)
     problems = _Problems()
-    parts, _ = _single_file_parts(path, _open_source(path), {}, problems)
+    parts, _ = _single_file_parts(path, open_source(path), {}, problems)
     problems.raise_if_any(path)
     return {c: (p.config, dict(_materialize(p.plan, p.source, "cpu", torch.float32))) for c, p in parts.items()}

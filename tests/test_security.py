@@ -61,12 +61,12 @@ def test_unsafe_load_finder_flags_what_it_should():
 
 def test_checkpoints_are_only_loaded_as_weights():
     files = [p for d in CODE_DIRS for p in sorted((ROOT / d).rglob("*.py"))]
-    assert any(p.name == "weights.py" for p in files)
+    assert any(p.name == "checkpoint_files.py" for p in files)
     problems = [hit for p in files
                 for hit in unsafe_loads(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))]
     assert problems == []
     # And there is at least one guarded load: the scan is looking at the real loader.
-    assert "weights_only=True" in (ROOT / "model" / "weights.py").read_text()
+    assert "weights_only=True" in (ROOT / "model" / "checkpoint_files.py").read_text()
 
 
 # ---- the cluster stays closed ---------------------------------------------------------------

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the oracles must never reach a network
 
-from ldm_jobs.model import weights  # noqa: E402
+from ldm_jobs.model import checkpoint_files, hashing, weights  # noqa: E402
 from ldm_jobs.model.weights import CheckpointError, load_components  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
@@ -218,7 +218,7 @@ def test_single_file_into_diffusers_modules(sd1_files, originals):
     # load_components without the tokenizer: infer configs, build, check, fill
     path = sd1_files[0]
     problems = weights._Problems()
-    parts, kind = weights._single_file_parts(path, weights._open_source(path), {}, problems)
+    parts, kind = weights._single_file_parts(path, checkpoint_files.open_source(path), {}, problems)
     models, _ = weights._load_parts(parts, path, "cpu", torch.float32, diffusers_builder, problems)
     assert kind == "sd1"  # the family
     check_unet(originals["sd1"], models["unet"], 32, ours=False)
@@ -298,7 +298,7 @@ def test_open_clip_text_tower_matches_diffusers_conversion():
                    block + "mlp.c_fc.weight": (4 * width, width), block + "mlp.c_fc.bias": (4 * width,),
                    block + "mlp.c_proj.weight": (width, 4 * width), block + "mlp.c_proj.bias": (width,)}
     sd = {f"cond_stage_model.model.{k}": torch.randn(s, generator=g) for k, s in shapes.items()}
-    source = weights._DictSource(Path("sd2.ckpt"), sd)
+    source = checkpoint_files.DictSource(Path("sd2.ckpt"), sd)
     problems = weights._Problems()
     plan, unknown = weights.ldm.open_clip_plan(list(shapes))
     config = weights.ldm.open_clip_config_from_shapes(shapes)
@@ -314,7 +314,7 @@ def test_open_clip_text_tower_matches_diffusers_conversion():
     with torch.device("meta"):
         model, _ = diffusers_builder("text_encoder", config)
     weights.check_plan("text_encoder", weights.fit_plan("text_encoder", plan, model),
-                       weights._DictSource(Path("m"), {k[len("cond_stage_model.model."):]: v for k, v in sd.items()}),
+                       checkpoint_files.DictSource(Path("m"), {k[len("cond_stage_model.model."):]: v for k, v in sd.items()}),
                        model, problems, weights._derived_buffers(model))
     assert (problems.missing, problems.unexpected, problems.misshaped) == ([], [], [])
 
@@ -322,7 +322,7 @@ def test_open_clip_text_tower_matches_diffusers_conversion():
 def test_float16_cast_while_loading(sd1_files):
     path = sd1_files[0]
     problems = weights._Problems()
-    parts, _ = weights._single_file_parts(path, weights._open_source(path), {}, problems)
+    parts, _ = weights._single_file_parts(path, checkpoint_files.open_source(path), {}, problems)
     models, _ = weights._load_parts(parts, path, "cpu", torch.float16, diffusers_builder, problems)
     dtypes = {p.dtype for m in models.values() for p in m.parameters()}
     assert dtypes == {torch.float16}
@@ -331,7 +331,7 @@ def test_float16_cast_while_loading(sd1_files):
 # ------------------------------------------------------- 2. full SD shapes on meta
 
 def _meta_problems(sd: dict[str, torch.Tensor], builder) -> tuple[weights._Problems, dict]:
-    source = weights._DictSource(Path("sd-meta.safetensors"), sd)
+    source = checkpoint_files.DictSource(Path("sd-meta.safetensors"), sd)
     problems = weights._Problems()
     parts, _ = weights._single_file_parts(source.path, source, {}, problems)
     for component, part in parts.items():
@@ -364,7 +364,7 @@ def test_sd21_full_shape_unet_maps_without_gaps():
     with torch.device("meta"):
         model = diffusers.UNet2DConditionModel(**config)
     problems = weights._Problems()
-    weights.check_plan("unet", plan, weights._DictSource(Path("m"), unet.state_dict()), model, problems)
+    weights.check_plan("unet", plan, checkpoint_files.DictSource(Path("m"), unet.state_dict()), model, problems)
     assert (unknown, problems.missing, problems.unexpected, problems.misshaped) == ([], [], [], [])
 
 
@@ -380,7 +380,7 @@ def test_diffusers_sd15_layout_is_ours():
         }
     problems = weights._Problems()
     for component, model in theirs.items():
-        source = weights._DictSource(Path(component), model.state_dict())
+        source = checkpoint_files.DictSource(Path(component), model.state_dict())
         config = dict(model.config) if component != "text_encoder" else model.config.to_dict()
         with torch.device("meta"):
             ours, _ = weights.build_ours(component, config)
@@ -394,7 +394,7 @@ def test_diffusers_sd15_layout_is_ours():
 def test_read_state_dict_both_formats(sd1_files):
     path, ckpt, sd = sd1_files
     for file in (path, ckpt):
-        read = weights.read_state_dict(file)
+        read = checkpoint_files.read_state_dict(file)
         assert read.keys() == sd.keys()
         assert all(torch.equal(read[k], v) for k, v in sd.items())
 
@@ -483,7 +483,7 @@ def test_malicious_pickle_is_refused_not_run(tmp_path, writer):
     assert "system" in message  # names what it would have called
     assert not marker.exists()
     with pytest.raises(CheckpointError):
-        weights.read_state_dict(path)
+        checkpoint_files.read_state_dict(path)
     assert not marker.exists()
 
 
@@ -524,7 +524,7 @@ def test_diffusers_folder_loads_into_diffusers_modules(diffusers_folder):
     assert (root / "vae" / "diffusion_pytorch_model.bin").is_file()
     configs = weights._folder_configs(root)
     parts = {c: weights._Part(configs[c], weights._folder_plan(s), s)
-             for c, s in ((c, weights._open_source(weights._folder_weights(root, c, torch.float32)))
+             for c, s in ((c, checkpoint_files.open_source(weights._folder_weights(root, c, torch.float32)))
                           for c in ("unet", "vae", "text_encoder"))}
     models, _ = weights._load_parts(parts, root, "cpu", torch.float32, diffusers_builder)
     for component, reference in (("unet", unet), ("vae", vae), ("text_encoder", clip)):
@@ -556,14 +556,14 @@ def test_content_hash_follows_the_weights(diffusers_folder, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     files = {f"{c}/weights": weights._folder_weights(copy, c, torch.float32) for c in ("unet", "vae")}
-    before = weights.content_hash(files)
-    assert before == weights.content_hash(
+    before = hashing.files_hash(files)
+    assert before == hashing.files_hash(
         {f"{c}/weights": weights._folder_weights(root, c, torch.float32) for c in ("unet", "vae")})
     unet_file = files["unet/weights"]
-    sd = weights.read_state_dict(unet_file)
+    sd = checkpoint_files.read_state_dict(unet_file)
     sd["conv_in.bias"] = sd["conv_in.bias"] + 1e-3
     save_file(sd, unet_file)
-    assert weights.content_hash(files) != before
+    assert hashing.files_hash(files) != before
 
 
 def test_the_hash_made_beside_the_load_is_the_files_hash(diffusers_folder):
@@ -571,7 +571,7 @@ def test_the_hash_made_beside_the_load_is_the_files_hash(diffusers_folder):
     loaded = load_components(root)  # hashes on a thread while the weights load
     files = {f"{c}/weights": weights._folder_weights(root, c, torch.float32)
              for c in ("unet", "vae", "text_encoder")} | weights._config_files(root)
-    assert loaded.content_hash == weights.content_hash(files)
+    assert loaded.content_hash == hashing.files_hash(files)
 
 
 def test_a_failed_load_stops_its_hash_thread(diffusers_folder, tmp_path):
@@ -580,7 +580,7 @@ def test_a_failed_load_stops_its_hash_thread(diffusers_folder, tmp_path):
     shutil.copytree(root, broken)
     vae_file = weights._folder_weights(broken, "vae", torch.float32)
     # copies: the file may be memory-mapped, and it is rewritten below
-    sd = {k: v.clone() for k, v in weights.read_state_dict(vae_file).items()}
+    sd = {k: v.clone() for k, v in checkpoint_files.read_state_dict(vae_file).items()}
     del sd["decoder.conv_out.weight"]
     if vae_file.suffix == ".safetensors":
         save_file(sd, vae_file)
@@ -591,8 +591,8 @@ def test_a_failed_load_stops_its_hash_thread(diffusers_folder, tmp_path):
     assert not [t for t in threading.enumerate() if t.name == "ldm-content-hash"]
     stop = threading.Event()
     stop.set()
-    with pytest.raises(weights.HashCancelled):
-        weights.content_hash({"vae": vae_file}, stop)
+    with pytest.raises(hashing.HashCancelled):
+        hashing.files_hash({"vae": vae_file}, stop)
 
 
 def test_missing_folder_parts(diffusers_folder, tmp_path):

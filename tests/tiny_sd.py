@@ -113,7 +113,8 @@ def make_reference(kind: str = "sd1", seed: int = 0) -> Reference:
 
 def ours_from_reference(ref: Reference, dtype: str = "float32"):
     from ldm_jobs.model.configs import TextConfig, UNetConfig, VAEConfig, from_dict
-    from ldm_jobs.model.loading import assemble, content_hash
+    from ldm_jobs.model.hashing import modules_hash
+    from ldm_jobs.model.loading import assemble
     from ldm_jobs.model.text_encoder import CLIPTextModel
     from ldm_jobs.model.tokenizer import CLIPTokenizer
     from ldm_jobs.model.unet import UNet
@@ -126,7 +127,7 @@ def ours_from_reference(ref: Reference, dtype: str = "float32"):
     text = CLIPTextModel(from_dict(TextConfig, ref.text_encoder.config.to_dict()))
     state = {k: v for k, v in ref.text_encoder.state_dict().items() if not k.endswith("position_ids")}
     text.load_state_dict(state, strict=True)
-    digest = content_hash({"unet": unet, "vae": vae, "text_encoder": text})
+    digest = modules_hash({"unet": unet, "vae": vae, "text_encoder": text})
     return assemble(CLIPTokenizer.default(), text, unet, vae, ref.scheduler_config,
                     name="tiny-test", digest=digest, device="cpu", dtype=dtype)
 
