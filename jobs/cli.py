@@ -213,7 +213,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.html:
         from ldm_jobs.jobs.gallery import write_gallery
 
-        print(write_gallery(args.output, args.html).describe())
+        print(write_gallery(args.output, args.html, full_images=args.full_images).describe())
     if args.grid:
         from ldm_jobs.jobs.grid import grid
 
@@ -266,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--sheet", metavar="FILE.png", help="write a contact sheet here")
     show.add_argument("--html", metavar="DIR", help="write (or update) a static gallery site "
                       "here, a folder or s3:// prefix; open DIR/index.html in a browser")
+    show.add_argument("--full-images", choices=("copy", "webp", "none"), default="copy",
+                      help="what the gallery's detail view shows: a copy of each image "
+                      "(default), a WebP of it at its own size (a fraction of a PNG's "
+                      "bytes), or the thumbnail only (the site then holds thumbnails alone)")
     show.add_argument("--grid", metavar="x=FIELD,y=FIELD", help="an X/Y grid (with --out)")
     show.add_argument("--out", metavar="FILE.png", help="where --grid writes its image")
     show.add_argument("--where", metavar="FIELD=VALUE", action="append", help="rows for --grid")

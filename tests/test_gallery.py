@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlparse
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,7 +26,7 @@ from PIL import Image
 from ldm_jobs import open_output
 from ldm_jobs.jobs import sinks
 from ldm_jobs.jobs.cli import main
-from ldm_jobs.jobs.gallery import write_gallery
+from ldm_jobs.jobs.gallery import GalleryError, write_gallery
 from ldm_jobs.jobs.gallery.index import GroupBuilder, ShardCache
 from ldm_jobs.jobs.gallery.plots import NO_TIMES, throughput_plot
 from ldm_jobs.jobs.plan import make_plan
@@ -282,6 +283,27 @@ def test_detail_of_an_image(page, site, job, tmp_path):
     wait_for(page, lambda d: not detail.is_displayed(), "detail closed")
 
 
+def test_detail_with_thumbnails_only(page, job, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    site = tmp_path / "thumbs-only"
+    assert main(["show", str(job / "out"), "--html", str(site), "--full-images", "none"]) == 0
+    assert not (site / "images").exists()
+    rows = output_rows(job / "out")
+    first_shard = len(pq.read_table(job / "out" / "part-00000.parquet"))
+    item = first_shard + 6  # the 7th image of the second shard
+    open_view(page, site, f"#item={item}")
+    wait_for(page, lambda d: d.find_element(By.ID, "detail").is_displayed()
+             and d.find_element(By.ID, "detail-title").text == rows[item]["id"], "detail shown")
+    image = page.find_element(By.CSS_SELECTOR, "#detail-figure img")
+    wait_for(page, lambda d: d.execute_script("return arguments[0].naturalWidth", image) == 32,
+             "the thumbnail loaded")
+    assert image.get_attribute("src").endswith("/thumbs/part-00001/000006.webp")
+    note = page.find_element(By.ID, "detail-thumb-note").text
+    assert "row 6 of part-00001.parquet" in note
+    assert pq.read_table(job / "out" / "part-00001.parquet").column("id")[6].as_py() == rows[item]["id"]
+
+
 def test_rejected_rows_by_reason(page, site, job, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -374,6 +396,43 @@ def test_rerun_thumbnails_only_new_shards(tmp_path):
         assert (tmp_path / "site" / "thumbs" / "part-00003" / f"{row_number:06d}.webp").exists()
     third = write_gallery(str(tmp_path / "out"), str(tmp_path / "site"))
     assert third.new_shards == 0
+
+
+def test_full_images_copy_webp_or_none(tmp_path):
+    """What the detail view shows decides what the site stores; switching redoes the
+    shards and leaves no file of the old form behind."""
+    spec = job_spec(make_input(tmp_path / "in.parquet", rows=40), tmp_path / "out",
+                    rows_per_shard=16)
+    run_shards(spec)
+    out, site = tmp_path / "out", tmp_path / "site"
+    originals = {(path.stem, row): data for path in sorted(out.glob("part-*.parquet"))
+                 for row, data in enumerate(pq.read_table(path).column("image").to_pylist())}
+
+    def files(kind: str) -> list[Path]:
+        return sorted(p.relative_to(site / kind) for p in (site / kind).rglob("*") if p.is_file())
+
+    write_gallery(str(out), str(site))  # copy, the default: the images' own bytes
+    assert {(p.parent.name, int(p.stem)): (site / "images" / p).read_bytes()
+            for p in files("images")} == originals
+
+    assert main(["show", str(out), "--html", str(site), "--full-images", "webp"]) == 0
+    assert files("images") == [Path(shard, f"{row:06d}.webp") for shard, row in sorted(originals)]
+    for (shard, row), data in originals.items():
+        with Image.open(site / "images" / shard / f"{row:06d}.webp") as webp, \
+                Image.open(io.BytesIO(data)) as original:
+            assert webp.format == "WEBP" and webp.size == original.size
+            difference = np.abs(np.asarray(webp.convert("RGB"), dtype=int)
+                                - np.asarray(original.convert("RGB"), dtype=int))
+            assert difference.mean() < 4, (shard, row)
+    assert _summary(site)["full_images"] == "webp"
+
+    none = write_gallery(str(out), str(site), full_images="none")
+    assert none.new_shards == none.shards == 3 and files("images") == []
+    assert len(files("thumbs")) == len(originals)
+    assert _summary(site)["full_images"] == "none"
+    assert write_gallery(str(out), str(site), full_images="none").new_shards == 0
+    with pytest.raises(GalleryError, match="full_images='png'"):
+        write_gallery(str(out), str(site), full_images="png")
 
 
 def test_webdataset_output_with_jpeg_images(tmp_path):

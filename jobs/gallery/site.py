@@ -6,7 +6,7 @@ index.html              the page, with the summary (counts, facets, groups) inli
 assets/gallery.{css,js} the page's code: no library, font or CDN
 data/group-NNNNN.js     a page group's rows, loaded when shown or searched
 data/errors.js          the rejected rows, grouped by reason
-thumbs/<shard>/<row>.webp, images/<shard>/<row>.<ext>
+thumbs/<shard>/<row>.webp, images/<shard>/<row>.<ext> (the detail view's image: see FULL_IMAGES)
 cache/                  per-shard metadata and what was written: makes re-runs incremental
 ```
 A shard is thumbnailed once: `cache/_index.json` names each shard done with its sha256,
@@ -32,7 +32,7 @@ from ..storage import LocalStorage, NotFoundError, StorageError, open_storage, s
 from .index import PAGE_SIZE, GroupBuilder, ShardCache, dumps
 from .plots import duration_plot, outcome_plot, throughput_plot
 from .source import base_name, jsonable, rejected_rows, shard_name, shard_records, shard_rows
-from .thumbs import ThumbnailPool
+from .thumbs import FULL_IMAGES, ThumbnailPool
 
 ASSETS = ("gallery.css", "gallery.js")
 INDEX = "cache/_index.json"
@@ -89,6 +89,11 @@ class Destination:
             handle.write(data)
         os.replace(temp, target)
 
+    def delete_below(self, relative: str) -> None:
+        """Remove every file under the folder or prefix `relative`."""
+        for path in self.storage.list(self.path(relative)):
+            self.storage.delete(path)
+
     def read(self, relative: str) -> bytes | None:
         try:
             return self.storage.read_bytes(self.path(relative))
@@ -142,23 +147,27 @@ def _index_state(dest: Destination) -> dict[str, Any]:
     return {"shards": dict(state.get("shards", {})), "files": dict(state.get("files", {}))}
 
 
-def _shard_key(out: Output, path: str, record: dict[str, Any] | None) -> str:
-    if record and record.get("sha256"):
-        return str(record["sha256"])
-    return str(out.storage.version(path))
+def _shard_key(out: Output, path: str, record: dict[str, Any] | None, full_images: str) -> str:
+    """What a shard's site files were made from: its content, and what was kept of its
+    images (a site made with another `full_images` is redone)."""
+    key = str(record["sha256"]) if record and record.get("sha256") else str(out.storage.version(path))
+    return key if full_images == "copy" else f"{key}+{full_images}"
 
 
 def _thumbnail_new_shards(out: Output, dest: Destination, records: dict[str, dict],
-                          state: dict[str, Any], workers: int) -> int:
+                          state: dict[str, Any], workers: int, full_images: str) -> int:
     """Thumbnails, full images and a metadata cache for each shard not done before."""
     new = 0
-    pool = ThumbnailPool(dest.write, workers)
+    pool = ThumbnailPool(dest.write, workers, full_images)
     try:
         for path in out.shard_files:
             name = shard_name(path)
-            key = _shard_key(out, path, records.get(name))
+            key = _shard_key(out, path, records.get(name), full_images)
             if state["shards"].get(name) == key:
                 continue
+            if name in state["shards"]:  # made before from other bytes or in another mode
+                dest.delete_below(f"images/{name}")
+                dest.delete_below(f"thumbs/{name}")
             cache = ShardCache(name, base_name(path), key)
             try:
                 images = pool.shard(name, shard_rows(out, path),
@@ -248,8 +257,11 @@ def _asset(name: str) -> bytes:
 
 
 def write_gallery(output_uri: str, dest_uri: str, storage_spec: StorageSpec | None = None,
-                  workers: int | None = None) -> GalleryResult:
-    """Write (or bring up to date) the static gallery of the output at `output_uri`."""
+                  workers: int | None = None, full_images: str = "copy") -> GalleryResult:
+    """Write (or bring up to date) the static gallery of the output at `output_uri`.
+    `full_images`: what the detail view shows (thumbs.FULL_IMAGES: copy, webp, none)."""
+    if full_images not in FULL_IMAGES:
+        raise GalleryError(f"full_images={full_images!r}: expected one of {', '.join(FULL_IMAGES)}")
     out = open_output(output_uri, storage_spec)
     dest = Destination(dest_uri, storage_spec)
     # Local thumbnails are CPU work: a thread a core. On S3 each thread mostly waits on
@@ -257,7 +269,7 @@ def write_gallery(output_uri: str, dest_uri: str, storage_spec: StorageSpec | No
     workers = workers or (min(8, os.cpu_count() or 2) if dest.local else S3_WORKERS)
     records = shard_records(out)
     state = _index_state(dest)
-    new = _thumbnail_new_shards(out, dest, records, state, workers)
+    new = _thumbnail_new_shards(out, dest, records, state, workers, full_images)
     builder, facets = _build_groups(out, dest, state)
 
     manifest = out.manifest or {}
@@ -279,7 +291,7 @@ def write_gallery(output_uri: str, dest_uri: str, storage_spec: StorageSpec | No
         "rows": builder.total, "rejected": rejected, "pending": pending,
         "page_size": PAGE_SIZE, "group_rows": builder.group_rows,
         "groups": builder.group_sizes, "columns": builder.columns,
-        "facets": facets, "reasons": len(errors["reasons"]),
+        "facets": facets, "reasons": len(errors["reasons"]), "full_images": full_images,
         "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     fills = {"TITLE": escape(title),

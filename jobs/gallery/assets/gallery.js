@@ -313,11 +313,23 @@
     figure.replaceChildren();
     if (group.ext[i]) {
       const img = document.createElement("img");
-      img.src = "images/" + group.shard[i] + "/" + String(group.row[i]).padStart(6, "0") + "." + group.ext[i];
+      const file = group.shard[i] + "/" + String(group.row[i]).padStart(6, "0");
+      // full_images "none": the site keeps thumbnails only; the image itself is in the output
+      const thumbOnly = S.full_images === "none";
+      img.src = thumbOnly ? "thumbs/" + file + ".webp" : "images/" + file + "." + group.ext[i];
       img.alt = prompt || "image " + id;
       const width = (group.columns.width || [])[i], height = (group.columns.height || [])[i];
+      if (thumbOnly && width && height) { img.width = width; img.height = height; }
       if (Math.max(width || 0, height || 0) < 256) img.className = "pixelated";
       figure.appendChild(img);
+      if (thumbOnly) {
+        const note = document.createElement("p");
+        note.className = "note";
+        note.id = "detail-thumb-note";
+        note.textContent = "a thumbnail: the image itself is row " + group.row[i] + " of " +
+          ((S.shard_files || {})[group.shard[i]] || group.shard[i]) + " in the output";
+        figure.appendChild(note);
+      }
     } else {
       figure.textContent = (group.imageError && group.imageError[i]) || "no image";
     }
