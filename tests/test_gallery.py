@@ -492,6 +492,13 @@ def test_gallery_written_back_to_the_bucket(tmp_path, s3_server):
     assert summary["link"] == ".." and summary["rows"] == sum(ids_by_shard.values())
     again = write_gallery(output, f"{output}/_gallery")
     assert again.new_shards == 0 and again.rows == summary["rows"] and again.note == ""
+    # thumbnails only from now on: the bucket loses the copies, keeps the thumbnails
+    assert write_gallery(output, f"{output}/_gallery", full_images="none").new_shards == 3
+    kept = {item["Key"].removeprefix("runs/demo/_gallery/") for page in client.get_paginator(
+        "list_objects_v2").paginate(Bucket=bucket, Prefix="runs/demo/_gallery/")
+        for item in page.get("Contents", [])}
+    assert not [name for name in kept if name.startswith("images/")]
+    assert {name for name in names if name.startswith("thumbs/")} <= kept
     # The output still reads as it did: the site's files are not taken for shards.
     assert open_output(output).parquet_files == [f"{output}/part-{n:05d}.parquet"
                                                  for n in range(3)]
