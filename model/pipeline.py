@@ -14,7 +14,7 @@ import dataclasses
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import conditioning, prompt_encoding
+from . import conditioning, prompt_editing, prompt_encoding, step_conditioning
 from . import samplers as sampling
 from .prompts import parse_prompt
 from .seeds import MAX_SEED, derive_seed
@@ -292,6 +292,11 @@ class Pipeline:
         if request.init_images is not None or request.loras is not None:
             raise ValueError("refiner= is for txt2img without loras= (init_images and loras are not "
                              "supported in a two-stage run)")
+        if request.prompt_syntax == "a1111" and step_conditioning.schedules(
+                request.prompts, request.negative_prompts, request.steps) is not None:
+            raise ValueError("refiner= with prompt editing or alternating words ([from:to:when], "
+                             "[a|b]) under prompt_syntax='a1111' is not supported: the two stages "
+                             "would split the prompt's schedule")
         for pipe, window in ((self, dict(end=switch_at)), (refiner, dict(start=switch_at))):
             sampling.plan(request.sampler, pipe.schedule_config, request.steps, **window)  # names an empty stage
 
@@ -380,6 +385,7 @@ class Pipeline:
                 for i, text in enumerate(texts):
                     try:
                         parse_prompt(text)
+                        prompt_editing.schedule(text, int(steps))
                     except ValueError as error:
                         raise ValueError(f"{name}[{i}]: {error}") from None
         return GenerationRequest(
@@ -496,10 +502,44 @@ class Pipeline:
         scale <= 1 run the conditional branch alone, as diffusers does.
         """
         guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
-        cond = conditioning.build(
-            self.text, lambda texts, sets: self._contexts(texts, request.prompt_syntax, sets), request.prompts, request.negative_prompts, bool(guided.any()),
-            request.height, request.width, request.extra, self.dtype, self.device, request.loras)
+        prompts, negatives = request.prompts, request.negative_prompts
+        if request.prompt_syntax == "a1111":  # the text of the first step (the only one
+            # where no row's text changes; see ``call_conditioning`` for the others)
+            prompts, negatives = step_conditioning.first_texts(prompts, negatives, request.steps)
+        cond = self._build(request, prompts, negatives,
+                           lambda texts, sets: self._contexts(texts, request.prompt_syntax, sets))
         return cond, cond.context_mask, guided
+
+    def _build(self, request: GenerationRequest, prompts: list[str], negatives: list[str],
+               encode) -> conditioning.Conditioning:
+        """``conditioning.build`` for these rows' texts (``encode(texts, sets)``: see there)."""
+        guided = any(s > 1.0 for s in request.guidance_scales)
+        return conditioning.build(self.text, encode, prompts, negatives, guided, request.height,
+                                  request.width, request.extra, self.dtype, self.device, request.loras)
+
+    def call_conditioning(self, request: GenerationRequest) -> step_conditioning.StepConditioning | None:
+        """The conditioning of each model call where a row's text changes during sampling
+        (the web UI's prompt editing and alternation, ``prompt_syntax="a1111"``), over the
+        request's steps; None where no row's text changes. Every distinct text (with its
+        row's LoRA set) is encoded once, up front."""
+        if request.prompt_syntax != "a1111":
+            return None
+        found = step_conditioning.schedules(request.prompts, request.negative_prompts, request.steps)
+        if found is None:
+            return None
+        guided = any(s > 1.0 for s in request.guidance_scales)
+        sides = [found[0]] + ([found[1]] if guided else [])
+        texts = [text for side in sides for entries in side for _, text in entries]
+        row_sets = None
+        if request.loras is not None:
+            row_sets = [request.loras[i] for side in sides for i, entries in enumerate(side) for _ in entries]
+        from . import lora_rows
+
+        encode = step_conditioning.encoder_of(
+            texts, row_sets, lora_rows.set_key,
+            lambda group, sets: self._text_rows(group, request.prompt_syntax, sets))
+        return step_conditioning.StepConditioning(
+            *found, lambda prompts, negatives: self._build(request, prompts, negatives, encode))
 
     def initial_noise(self, generators: list[torch.Generator], shape: tuple) -> torch.Tensor:
         # One draw of batch 1 per sample from its own generator, in float32 on the CPU.
@@ -521,16 +561,23 @@ class Pipeline:
         tensor = torch.from_numpy(array).permute(2, 0, 1)[None]  # (1, 3, H, W)
         return tensor * 2.0 - 1.0
 
-    def model_fn(self, context: torch.Tensor, guided: torch.Tensor, scales: torch.Tensor,
-                 context_mask: torch.Tensor | None = None, added: dict | None = None):
+    def model_fn(self, context: torch.Tensor | None, guided: torch.Tensor, scales: torch.Tensor,
+                 context_mask: torch.Tensor | None = None, added: dict | None = None,
+                 at_call: Callable[[int], conditioning.Conditioning] | None = None):
         """The raw UNet prediction with classifier-free guidance, for the sampler.
-        ``added``: the UNet's other inputs (SDXL's ``pooled`` and ``time_ids``)."""
-        added = added or {}
+        ``added``: the UNet's other inputs (SDXL's ``pooled`` and ``time_ids``).
+        ``at_call(step)``: the conditioning of each model call instead of one for all
+        (prompt editing, see ``step_conditioning``)."""
+        fixed = (context, context_mask, added or {})
         any_guided, all_guided = bool(guided.any()), bool(guided.all())
         guided = self._to_device(guided).view(-1, 1, 1, 1)
         scales = self._to_device(scales).view(-1, 1, 1, 1)
 
-        def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def predict(x_in: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+            context, context_mask, added = fixed
+            if at_call is not None:
+                cond = at_call(step)
+                context, context_mask, added = cond.context, cond.context_mask, cond.unet_kwargs()
             batch = x_in.shape[0]
             x_unet = torch.cat([x_in, x_in]) if any_guided else x_in  # (2B or B, C, h, w)
             x_unet = self._layout(x_unet.to(self.device, self.dtype))
@@ -566,13 +613,19 @@ class Pipeline:
     def denoise(self, request: GenerationRequest) -> torch.Tensor:
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
         shape = (self.latent_channels, request.height // self.vae_factor, request.width // self.vae_factor)
-        cond, context_mask, guided = self.unet_conditioning(request)
-        context = cond.context
         scales = torch.tensor(request.guidance_scales, dtype=torch.float32)
-        predict = self.model_fn(context, guided, scales, context_mask, cond.unet_kwargs())
-        # every step attends to the same text: its keys and values are computed once (a
-        # compiled UNet computes them inside its graph instead)
-        cached = None if self.compiled else getattr(self.unet, "cached_context", None)
+        stepped = self.call_conditioning(request)
+        if stepped is None:
+            cond, context_mask, guided = self.unet_conditioning(request)
+            context = cond.context
+            predict = self.model_fn(context, guided, scales, context_mask, cond.unet_kwargs())
+            # every step attends to the same text: its keys and values are computed once (a
+            # compiled UNet computes them inside its graph instead)
+            cached = None if self.compiled else getattr(self.unet, "cached_context", None)
+        else:  # the text changes between steps: keys and values are computed at each
+            guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
+            predict = self.model_fn(None, guided, scales, at_call=stepped.at)
+            cached = None
         start, end = request.window
         with cached(context) if cached is not None else contextlib.nullcontext():
             if request.init_latents is not None:

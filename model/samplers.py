@@ -1,8 +1,10 @@
 """Samplers: short loops that turn unit noise into latents, step for step as diffusers does.
 
-The caller supplies ``model_fn(x_in, t) -> out``: the raw UNet prediction (after
+The caller supplies ``model_fn(x_in, t, step) -> out``: the raw UNet prediction (after
 classifier-free guidance, in the model's ``prediction_type``) for input ``x_in`` already
-scaled as diffusers feeds the UNet, at diffusers' timestep ``t``. Two families use it:
+scaled as diffusers feeds the UNet, at diffusers' timestep ``t``; ``step`` counts the
+loop's model calls from 0 (every sampler here calls the model once per step, PNDM once
+per listed timestep), so a caller may condition each step on its own text. Two families use it:
 
 - sigma samplers (euler, euler_ancestral, dpmpp_2m[_karras]) in the manner of
   k-diffusion: ``Denoiser`` wraps ``model_fn`` once into ``(x, sigma) -> x0`` (input
@@ -46,7 +48,7 @@ __all__ = [
     "txt2img",
 ]
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ModelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 Generators = Sequence[torch.Generator] | None
 
 
@@ -93,9 +95,9 @@ class Denoiser:
         # interpolated in sigma), so map the planned sigmas back exactly, not by formula.
         self.timestep_of = {float(s): t for s, t in zip(plan.sigmas[:-1], plan.timesteps)}
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
         t = self.timestep_of[float(sigma)]
-        out = self.model_fn(x / ((sigma**2 + 1) ** 0.5), t).float()
+        out = self.model_fn(x / ((sigma**2 + 1) ** 0.5), t, step).float()
         return self.to_x0(out, x, sigma)
 
 
@@ -103,8 +105,8 @@ class Denoiser:
 def euler(
     denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generators: Generators = None
 ) -> torch.Tensor:
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - denoiser(x, sigma)) / sigma
+    for step, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        d = (x - denoiser(x, sigma, step)) / sigma
         x = x + d * (sigma_next - sigma)
     return x
 
@@ -112,8 +114,8 @@ def euler(
 def euler_ancestral(
     denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generators: Generators = None
 ) -> torch.Tensor:
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - denoiser(x, sigma)) / sigma
+    for step, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        d = (x - denoiser(x, sigma, step)) / sigma
         # Split the step into a deterministic part down to sigma_down and fresh noise of
         # sigma_up, so the marginal lands exactly on sigma_next.
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
@@ -129,8 +131,8 @@ def dpmpp_2m(
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) in log-SNR time lambda = -log(sigma)."""
     old_denoised, h_last = None, None
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        denoised = denoiser(x, sigma)
+    for step, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = denoiser(x, sigma, step)
         h = torch.log(sigma) - torch.log(sigma_next)  # inf on the last step (sigma_next = 0)
         c = torch.exp(-h) - 1.0
         x = (sigma_next / sigma) * x - c * denoised
@@ -194,9 +196,9 @@ def ddim(
     model_fn: ModelFn, x: torch.Tensor, plan: Plan, generators: Generators = None
 ) -> torch.Tensor:
     """DDIM with eta = 0 (Song et al. 2020, eq. 12): re-noise the predicted x0 to t_prev."""
-    for t, t_prev in zip(plan.timesteps, plan.prev_timesteps):
+    for step, (t, t_prev) in enumerate(zip(plan.timesteps, plan.prev_timesteps)):
         a, a_prev = _alpha_bar(plan, t), _alpha_bar(plan, t_prev)
-        x0, eps = _x0_eps(plan, model_fn(x, t), x, a)
+        x0, eps = _x0_eps(plan, model_fn(x, t, step), x, a)
         x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
     return x
 
@@ -206,9 +208,9 @@ def ddpm(
 ) -> torch.Tensor:
     """Ancestral DDPM (Ho et al. 2020, eqs. 6-7) between the planned timesteps."""
     variance = _DDPM_VARIANCE[plan.variance_type]
-    for t, t_prev in zip(plan.timesteps, plan.prev_timesteps):
+    for step, (t, t_prev) in enumerate(zip(plan.timesteps, plan.prev_timesteps)):
         a, a_prev = _alpha_bar(plan, t), _alpha_bar(plan, t_prev)
-        x0, _ = _x0_eps(plan, model_fn(x, t), x, a)
+        x0, _ = _x0_eps(plan, model_fn(x, t, step), x, a)
         alpha = a / a_prev
         beta = 1 - alpha
         x = (a_prev**0.5 * beta) / (1 - a) * x0 + alpha**0.5 * (1 - a_prev) / (1 - a) * x
@@ -243,7 +245,7 @@ def pndm(
     history: list[torch.Tensor] = []  # raw outputs, oldest first
     x_start = x
     for i, t in enumerate(plan.timesteps):
-        out = model_fn(x, t).float()
+        out = model_fn(x, t, i).float()
         if i == 1:
             # The second evaluation (at step one's end point) is averaged with the first
             # and step one is redone from its start: a Heun-like warm-up, not in history.

@@ -93,7 +93,7 @@ SHAPE = (4, 6, 5)  # latent (C, H, W)
 def fake_unet(seen: list):
     """A deterministic stand-in for the guided UNet: nonlinear in x, depends on t."""
 
-    def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model_fn(x_in: torch.Tensor, t: torch.Tensor, step: int | None = None) -> torch.Tensor:
         t = torch.as_tensor(t)
         seen.append((t.item(), t.dtype))
         tf = t.to(torch.float32)
