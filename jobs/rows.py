@@ -14,7 +14,10 @@ A bad row never crashes its shard and is never dropped silently: it becomes a
   [0, 2**63 - 1], so a negative or 2**64 seed is rejected, never wrapped);
 - images_per_prompt k gives ids `id`, `id-1`, ... `id-(k-1)`; seeds: an explicit seed s
   gives s, s+1, ...; otherwise each image's seed is derived from sampling.seed and its
-  own id (`derive_seed`), so a rerun reproduces it whatever the shard layout.
+  own id (`derive_seed`), so a rerun reproduces it whatever the shard layout;
+- under `prompt_syntax: a1111` a prompt or negative prompt the web UI's syntax cannot
+  read (a weight or prompt-edit step that is not a finite number, an edit beside a stray
+  bracket) rejects the row naming the column; edits are scheduled over the row's steps.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from ldm_jobs.model.prompts import split_lora_tags
+from ldm_jobs.model.prompt_editing import schedule
+from ldm_jobs.model.prompts import PromptSyntaxError, parse_prompt, split_lora_tags
 from ldm_jobs.model.seeds import MAX_SEED, derive_seed
 
 from .spec import (
@@ -260,6 +264,17 @@ def row_loras(record: dict, prompt: str, spec: JobSpec) -> tuple[tuple[tuple[str
     return tuple(sorted(loras.items())), text
 
 
+def check_syntax(prompt: str, negative: str, steps: int) -> None:
+    """Under a1111: the prompt and negative read in the web UI's syntax, their prompt
+    edits scheduled over the row's steps; a ValueError names the column that cannot be."""
+    for column, text in (("prompt", prompt), ("negative_prompt", negative)):
+        try:
+            parse_prompt(text)
+            schedule(text, steps)
+        except PromptSyntaxError as error:
+            raise ValueError(f"{column}: {error}") from None
+
+
 def row_id(value: Any, global_row: int, has_id_column: bool) -> str:
     """The row's id as text; raises ValueError for a null or empty id."""
     if not has_id_column:
@@ -335,6 +350,8 @@ def check_rows(
                     raise ValueError(f"strength: {settings['strength']} x steps "
                                      f"{settings['steps']} leaves no denoising step")
             loras, text = row_loras(record, prompt, spec)
+            if sampling.prompt_syntax == "a1111":
+                check_syntax(prompt, settings["negative_prompt"], settings["steps"])
             row_tasks = []
             for k in range(sampling.images_per_prompt):
                 out_id = image_id if k == 0 else f"{image_id}-{k}"
