@@ -169,3 +169,43 @@ def test_unreadable_schedules_name_their_row(sd1):
     with pytest.raises(ValueError, match=r"negative_prompts\[0\].*stray"):
         pipe.generate(["a cat"], seed=1, negative_prompts=["[a:b:1]]]"], steps=2, width=SIZE,
                       height=SIZE, prompt_syntax="a1111")
+
+
+# ------------------------------------------------------------------ SDXL
+@torch.no_grad()
+def test_sdxl_edits_swap_the_pooled_embedding_too(tmp_path):
+    """SDXL: each step's context and pooled embedding follow that step's text (diffusers'
+    callback swaps ``prompt_embeds`` and ``add_text_embeds``, both ``[negative; positive]``
+    in its loop); a negative edit included."""
+    from test_prompts_sdxl import oracle_embeds as sdxl_embeds
+
+    from ldm_jobs import load_pipeline
+    from tests.tiny_sdxl import diffusers_sdxl_pipeline, make_sdxl, save_sdxl_folder
+
+    ref = make_sdxl("sdxl", seed=3)
+    pipe = load_pipeline(str(save_sdxl_folder(ref, tmp_path / "tiny-sdxl")))
+    prompt, negative, seed = "a [cat|(dog:1.2)] x", "[blurry:ugly:1]", 9
+    texts = ["a cat x", "a cat x", "a (dog:1.2) x", "a cat x"]
+    negatives = ["blurry"] * 2 + ["ugly"] * 2
+    pos, neg = sdxl_embeds(texts, ref), sdxl_embeds(negatives, ref)
+
+    def swap(_, i, t, tensors):
+        if i + 1 >= len(texts):
+            return {}
+        return {"prompt_embeds": torch.cat([neg[i + 1][0], pos[i + 1][0]]),
+                "add_text_embeds": torch.cat([neg[i + 1][1], pos[i + 1][1]])}
+
+    def reference(swapping):
+        out = diffusers_sdxl_pipeline(ref, "euler")(
+            prompt_embeds=pos[0][0], pooled_prompt_embeds=pos[0][1],
+            negative_prompt_embeds=neg[0][0], negative_pooled_prompt_embeds=neg[0][1],
+            height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=GUIDANCE,
+            generator=[torch.Generator("cpu").manual_seed(seed)], output_type="np",
+            callback_on_step_end=swap if swapping else None,
+            callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds"])
+        return (out.images[0] * 255).round().astype(np.uint8)
+
+    expected = reference(True)
+    (mine,) = ours(pipe, [(prompt, negative, seed)], "euler", 4)
+    assert diff(mine, expected) <= 2
+    assert diff(expected, reference(False)) > 3
