@@ -19,6 +19,10 @@ The prompts people share are written for the web UI, so they are read as it read
   tokens after it over to the next chunk; a chunk is never empty unless the prompt is, or
   a ``BREAK`` closes one with nothing in it (the web UI keeps that empty chunk too).
 
+Prompt editing (``[from:to:when]``, ``[to:when]``, ``[from::when]``) and alternating words
+(``[a|b]``) come first: ``prompt_editing.py`` turns a prompt into the text of each sampling
+step, by the web UI's rules, and each of those texts is then read here.
+
 The encoder side (BOS + 75 + EOS/pad, the weights applied to the hidden states) is in
 ``prompt_encoding.py``; this module knows nothing of tensors, so it serves every tokenizer
 (SDXL's two included): the caller passes the tokenizing function and the comma's id.
