@@ -115,6 +115,37 @@ def test_dpmpp_2m_nested(sd1):
     check_case(*sd1, "dpmpp_2m", "nested")
 
 
+def test_pndm_calls_the_model_once_more_than_its_steps(sd1):
+    """PNDM (PLMS) makes steps + 1 model calls, diffusers' loop and callback as many:
+    the last call reads the last text."""
+    ref, pipe = sd1
+    texts = ["a cat x"] * 2 + ["a dog x"] * 3
+    expected = reference_image(ref, "pndm", 4, 7, texts, "")
+    (mine,) = ours(pipe, [("a [cat:dog:1] x", "", 7)], "pndm", 4)
+    assert diff(mine, expected) <= 2
+    assert diff(expected, reference_image(ref, "pndm", 4, 7, texts[:1] * 5, "")) > 3
+
+
+def test_chunk_counts_that_change_between_steps_keep_each_image_its_own(sd1):
+    """A row whose text grows from one chunk to two mid-run, beside rows that stay at one
+    or two: every step pads the batch with the key mask, and each image is the one drawn
+    alone."""
+    _, pipe = sd1
+    long = ", ".join(["a red castle on a hill"] * 14)  # about 100 tokens: two chunks
+    rows = [(f"a [cat:{long}:1] x", "blurry", 41), ("a dog", "", 42), (long, "[dark:bright:2]", 43)]
+    together = ours(pipe, rows, "euler", 4)
+    for row, image in zip(rows, together):
+        (alone,) = ours(pipe, [row], "euler", 4)
+        assert diff(image, alone) <= 1, row[0][:20]
+
+
+def test_refiner_with_edits_is_refused(sd1):
+    _, pipe = sd1
+    with pytest.raises(ValueError, match="refiner= with prompt editing"):
+        pipe.generate(["a [cat:dog:1] x"], seed=1, steps=4, width=SIZE, height=SIZE,
+                      prompt_syntax="a1111", refiner=pipe)
+
+
 def test_a_batch_mixing_scheduled_and_plain_rows(sd1):
     ref, pipe = sd1
     rows = [("a [cat:dog:1] x", "", 21), ("a plain castle", "blurry", 22),
