@@ -240,3 +240,28 @@ def test_sdxl_edits_swap_the_pooled_embedding_too(tmp_path):
     (mine,) = ours(pipe, [(prompt, negative, seed)], "euler", 4)
     assert diff(mine, expected) <= 2
     assert diff(expected, reference(False)) > 3
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmpp_2m",
+                                  "dpmpp_2m_karras"])
+def test_every_sampler_numbers_its_model_calls_in_order(name):
+    """The step each sampler hands its model function is its call count from 0, txt2img
+    and img2img alike (a schedule's text is picked by it)."""
+    from ldm_jobs.model import samplers
+
+    config = samplers.SchedulerConfig()
+    extra = 1 if name == "pndm" else 0  # PLMS evaluates one timestep twice
+    for run, calls in (("txt2img", 5 + extra), ("img2img", 3 + extra)):
+        steps = []
+
+        def model_fn(x, t, step, steps=steps):
+            steps.append(step)
+            return 0.1 * x
+
+        generators = [torch.Generator().manual_seed(0)]
+        noise = torch.randn((1, 4, 2, 2), generator=torch.Generator().manual_seed(1))
+        if run == "txt2img":
+            samplers.txt2img(name, model_fn, noise, 5, config, generators=generators)
+        else:
+            samplers.img2img(name, model_fn, noise, noise, 6, 0.5, config, generators=generators)
+        assert steps == list(range(calls)), run
