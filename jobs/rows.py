@@ -16,8 +16,8 @@ A bad row never crashes its shard and is never dropped silently: it becomes a
   gives s, s+1, ...; otherwise each image's seed is derived from sampling.seed and its
   own id (`derive_seed`), so a rerun reproduces it whatever the shard layout;
 - under `prompt_syntax: a1111` a prompt or negative prompt the web UI's syntax cannot
-  read (a weight or prompt-edit step that is not a finite number, an edit beside a stray
-  bracket) rejects the row naming the column; edits are scheduled over the row's steps.
+  read (a weight or prompt-edit step that is not a finite number, an edit touching a
+  stray bracket) rejects the row naming the column; edits are scheduled over the row's steps.
 """
 
 from __future__ import annotations

@@ -24,11 +24,12 @@ chunks (``prompts.py``). The rules, as its ``prompt_parser`` applies them by def
   itself is left for the emphasis reading). A ``|`` outside any alternation, or a
   backslash at the very end or before a line break, makes the web UI read the whole
   prompt as written, with no edit at all; so do we.
-- Where an edit meets a bracket or colon that matches nothing, the web UI's (ambiguous)
+- Where an edit meets brackets or colons that match nothing, the web UI's (ambiguous)
   grammar reads it as an edit or as plain text depending on what follows (``[a:b:2]]``
-  is an edit, ``[a:b:2]]]`` is not). Rather than guess, such a prompt is refused
-  (``PromptSyntaxError``) when it holds any stray bracket, or a stray colon touching an
-  edit, a bracket or another stray; stray colons between words are fine.
+  is an edit, ``[a:b:2]]]`` is not). Rather than guess, a prompt is refused
+  (``PromptSyntaxError``) where a stray bracket or colon and an edit or alternation sit
+  in one run of brackets with no text between them; strays set apart by text (``a
+  [cat:dog:0.5] (unclosed``) are plain text, as the web UI reads them.
 - ``<lora:...>`` tags are cut out first (the web UI removes its extra-network tags before
   scheduling), so a tag inside an edit applies at every step.
 
@@ -79,6 +80,13 @@ class _Alternation:
     options: tuple
 
 
+@dataclass(frozen=True)
+class _Group:
+    """A bracket group kept as written, for the emphasis reading: ``(a)``, ``(a:b)``, ``[a]``."""
+
+    items: tuple
+
+
 class _Parser:
     """Recursive descent over one prompt. A sequence is a tuple of items: str (text,
     written as it stands), ``_Edit`` or ``_Alternation``."""
@@ -120,12 +128,12 @@ class _Parser:
         close = ")" if self.text[pos] == "(" else "]"
         first, at = self.sequence(pos + 1)
         if self.peek(at) == close:
-            return [self.text[pos], *first, close], at + 1
+            return [_Group((self.text[pos], *first, close))], at + 1
         if close == ")":  # (text:weight) or any (a:b): kept for the emphasis reading
             if self.peek(at) != ":":
                 return None
             second, end = self.sequence(at + 1)
-            return ([self.text[pos], *first, ":", *second, ")"], end + 1) if self.peek(end) == ")" else None
+            return ([_Group(("(", *first, ":", *second, ")"))], end + 1) if self.peek(end) == ")" else None
         if self.peek(at) == "|":
             return self.alternation([tuple(first)], at)
         if self.peek(at) != ":":
@@ -172,6 +180,8 @@ def _render(items: tuple, step: int, whens: dict) -> str:
             out.append(item)
         elif isinstance(item, _Edit):
             out.append(_render(item.before if step <= whens[item] else item.after, step, whens))
+        elif isinstance(item, _Group):
+            out.append(_render(item.items, step, whens))
         else:
             out.append(_render(item.options[(step - 1) % len(item.options)], step, whens))
     return "".join(out)
@@ -188,6 +198,8 @@ def _walk(items: tuple):
             yield item
             for option in item.options:
                 yield from _walk(option)
+        elif isinstance(item, _Group):
+            yield from _walk(item.items)
 
 
 def schedule(prompt: str, steps: int) -> tuple[tuple[int, str], ...]:
@@ -208,9 +220,9 @@ def schedule(prompt: str, steps: int) -> tuple[tuple[int, str], ...]:
         return ((steps, text),)
     if _ambiguous(items):
         raise PromptSyntaxError(
-            f"{prompt!r}: a prompt edit or alternation next to a bracket or colon that matches "
-            "nothing is read differently by the web UI depending on its surroundings; escape the "
-            "stray character (\\( \\) \\[ \\] \\:) or balance it")
+            f"{prompt!r}: a prompt edit or alternation touching a stray bracket or colon (one that "
+            "matches nothing) is read differently by the web UI depending on its surroundings; "
+            "escape the stray character (\\( \\) \\[ \\] \\:), balance it or set it apart with text")
     whens = {node: _edit_step(node.when, steps, prompt) for node in nodes if isinstance(node, _Edit)}
     ends = {steps, *(w for w in whens.values() if w >= 1)}
     if any(isinstance(node, _Alternation) for node in nodes):
@@ -234,15 +246,18 @@ def is_scheduled(entries: tuple[tuple[int, str], ...]) -> bool:
 
 def _ambiguous(items: tuple) -> bool:
     """Whether the web UI's reading of these edits is unsure: its grammar is ambiguous
-    where an edit meets brackets that match nothing, and which reading it picks then
-    depends on the surroundings (``[a:b:2]]`` is an edit, ``[a:b:2]]]`` is not). So: a
-    stray bracket anywhere, or a stray colon touching an edit, another stray or the
-    edge of an edit's bracket group."""
-    for i, item in enumerate(items):
-        if isinstance(item, _Stray):
-            if item != ":":
+    where brackets or colons that match nothing meet edits, and which reading it picks
+    then depends on what follows (``[a:b:2]]`` is an edit, ``[a:b:2]]]`` is not). So:
+    a run of bracket groups, edits and stray brackets or colons, with no text between
+    them, that holds both a stray and an edit or alternation (at any depth)."""
+    run_has_stray = run_has_edit = False
+    for item in (*items, ""):
+        if isinstance(item, str) and not isinstance(item, _Stray):  # text ends the run
+            if run_has_stray and run_has_edit:
                 return True
-            around = items[max(i - 1, 0) : i] + items[i + 1 : i + 2]
-            if any(isinstance(n, (_Edit, _Alternation, _Stray)) or n in ("(", ")", "[", "]") for n in around):
-                return True
+            run_has_stray = run_has_edit = False
+        elif isinstance(item, _Stray):
+            run_has_stray = True
+        else:
+            run_has_edit = run_has_edit or any(True for _ in _walk((item,)))
     return False

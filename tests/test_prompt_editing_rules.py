@@ -133,9 +133,9 @@ def test_is_scheduled():
     ("[a:b:1e999]", "not a finite number"),
     ("[a:b:2]]]", "stray"),                   # the web UI reads this one as text...
     ("[a:b:2]]", "stray"),                    # ...and this one as an edit
-    ("a [cat:dog:0.5] (unclosed", "stray"),
     ("x :[a:b:2](:", "stray"),
     ("[a:b:2]:(", "stray"),
+    ("([a:b:1])(e:1.2)[[", "stray"),          # a run of groups holding an edit, then strays
     ("(" * 2000 + "[a:b:1]", "nested too deeply"),
 ])
 def test_unreadable_schedules_are_refused(prompt, match):
@@ -143,8 +143,11 @@ def test_unreadable_schedules_are_refused(prompt, match):
         schedule(prompt, 10)
 
 
-def test_stray_brackets_without_edits_are_plain_text():
+def test_stray_brackets_set_apart_from_edits_are_plain_text():
     assert schedule("a (unclosed [b", 10) == ((10, "a (unclosed [b"),)
+    assert schedule("a [cat:dog:0.5] (unclosed", 10) == ((5, "a cat (unclosed"), (10, "a dog (unclosed"))
+    assert schedule("a [cat:dog:0.5] x ]] y", 10) == ((5, "a cat x ]] y"), (10, "a dog x ]] y"))
+    assert schedule("((a][:b:c [d:3]", 10) == ((3, "((a][:b:c "), (10, "((a][:b:c d"))  # the web UI's own
 
 
 def test_steps_must_be_positive():
