@@ -417,7 +417,9 @@ class Pipeline:
                        adapters: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet context (B, S, D) of the texts read in ``syntax``, and its key mask
         (B, S) where the texts' lengths differ (None where they do not). Plain texts are
-        77 tokens each; web-UI ones 77 per chunk, cached by their parsed chunks."""
+        77 tokens each; web-UI ones 77 per chunk, cached by their parsed chunks. A text
+        is read as one step's text: prompt edits are resolved per step by ``generate``
+        (``call_conditioning``), not here."""
         return prompt_encoding.pad_contexts(
             [context for context, _ in self._text_rows(list(texts), syntax, adapters)])
 
