@@ -237,14 +237,14 @@ def _groups(keys: Sequence) -> dict:
 
 def denoise(pipeline, request) -> torch.Tensor:
     """``pipeline.denoise`` for a request whose rows carry adapter sets (``request.loras``)."""
-    from .pipeline import _with_rows
+    from .generate_args import with_rows
 
     sets = request.loras
     modules = targets(pipeline)
     full = [tuple((a, w) for a, w in s if a.full) for s in sets]
     parts: list[tuple[list[int], torch.Tensor]] = []
     for rows in _groups([set_key(s) for s in full]).values():
-        group = _with_rows(request, lambda values, rows=rows: [values[i] for i in rows])
+        group = with_rows(request, lambda values, rows=rows: [values[i] for i in rows])
         low = [tuple((a, w) for a, w in sets[i] if not a.full) for i in rows]
         shared = all(s == low[0] for s in low)
         fused = full[rows[0]] + (low[0] if shared else ())
