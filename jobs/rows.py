@@ -34,8 +34,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from ldm_jobs.model.prompt_editing import schedule
-from ldm_jobs.model.prompts import PromptSyntaxError, parse_prompt, split_lora_tags
+from ldm_jobs.model.composable import check_prompt, unsupported
+from ldm_jobs.model.prompts import PromptSyntaxError, split_lora_tags
 from ldm_jobs.model.seeds import MAX_SEED, derive_seed
 
 from .spec import (
@@ -268,9 +268,8 @@ def check_syntax(prompt: str, negative: str, steps: int) -> None:
     """Under a1111: the prompt and negative read in the web UI's syntax, their prompt
     edits scheduled over the row's steps; a ValueError names the column that cannot be."""
     for column, text in (("prompt", prompt), ("negative_prompt", negative)):
-        try:
-            parse_prompt(text)
-            schedule(text, steps)
+        try:  # each AND sub-prompt of the prompt on its own (see composable)
+            check_prompt(text, steps, positive=column == "prompt")
         except PromptSyntaxError as error:
             raise ValueError(f"{column}: {error}") from None
 
@@ -352,6 +351,9 @@ def check_rows(
             loras, text = row_loras(record, prompt, spec)
             if sampling.prompt_syntax == "a1111":
                 check_syntax(prompt, settings["negative_prompt"], settings["steps"])
+                reason = unsupported(prompt, bool(loras), spec.refiner is not None)
+                if reason:
+                    raise ValueError(f"prompt: {reason}")
             row_tasks = []
             for k in range(sampling.images_per_prompt):
                 out_id = image_id if k == 0 else f"{image_id}-{k}"

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import prompt_editing
+from . import composable
 from . import samplers as sampling
-from .prompts import parse_prompt
 from .seeds import MAX_SEED, derive_seed
 
 MAX_SIDE = 4096
@@ -134,9 +133,8 @@ def check(
     if prompt_syntax == "a1111":  # a syntax error names its row before any work
         for name, texts in (("prompts", prompts), ("negative_prompts", negatives)):
             for i, text in enumerate(texts):
-                try:
-                    parse_prompt(text)
-                    prompt_editing.schedule(text, int(steps))
+                try:  # each AND sub-prompt of a prompt on its own (see composable)
+                    composable.check_prompt(text, int(steps), positive=name == "prompts")
                 except ValueError as error:
                     raise ValueError(f"{name}[{i}]: {error}") from None
     return GenerationRequest(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import conditioning, generate_args, prompt_encoding, step_conditioning
+from . import composable, conditioning, generate_args, prompt_encoding, step_conditioning
 from . import samplers as sampling
 from .generate_args import GenerationRequest
 
@@ -228,6 +228,12 @@ class Pipeline:
             request.loras = lora_rows.resolve(self, loras, len(request.prompts))
         if refiner is not None:
             self._check_refiner(refiner, switch_at, request)
+        if request.prompt_syntax == "a1111":
+            with_loras = bool(request.loras) and any(request.loras)
+            for i, prompt in enumerate(request.prompts):
+                reason = composable.unsupported(prompt, with_loras, refiner is not None)
+                if reason:
+                    raise ValueError(f"prompts[{i}]: {reason}")
         if not self.batch_bucket:
             decoder, latents = self._stages(request, refiner, switch_at)
             images = decoder.decode(latents)
@@ -372,14 +378,16 @@ class Pipeline:
         cond, mask, guided = self.unet_conditioning(request)
         return cond.context, mask, guided
 
-    def unet_conditioning(self, request: GenerationRequest) -> tuple[conditioning.Conditioning,
-                                                                    torch.Tensor | None, torch.Tensor]:
+    def unet_conditioning(self, request: GenerationRequest, composed: bool = False
+                          ) -> tuple[conditioning.Conditioning, torch.Tensor | None, torch.Tensor]:
         """What the UNet reads besides latents and timesteps (context; SDXL's pooled text
         and time ids), the context's key mask (None: every key is real), and which rows
         are guided.
 
         Guided rows stack [uncond; cond] so both branches run in one UNet call; rows with
-        scale <= 1 run the conditional branch alone, as diffusers does.
+        scale <= 1 run the conditional branch alone, as diffusers does. ``composed``: the
+        request's prompts are the sub-prompts of a ``composable.Composition``, whose
+        negatives always run.
         """
         guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
         prompts, negatives = request.prompts, request.negative_prompts
@@ -387,27 +395,28 @@ class Pipeline:
             # where no row's text changes; see ``call_conditioning`` for the others)
             prompts, negatives = step_conditioning.first_texts(prompts, negatives, request.steps)
         cond = self._build(request, prompts, negatives,
-                           lambda texts, sets: self._contexts(texts, request.prompt_syntax, sets))
+                           lambda texts, sets: self._contexts(texts, request.prompt_syntax, sets), composed)
         return cond, cond.context_mask, guided
 
     def _build(self, request: GenerationRequest, prompts: list[str], negatives: list[str],
-               encode) -> conditioning.Conditioning:
+               encode, composed: bool = False) -> conditioning.Conditioning:
         """``conditioning.build`` for these rows' texts (``encode(texts, sets)``: see there)."""
-        guided = any(s > 1.0 for s in request.guidance_scales)
+        guided = composed or any(s > 1.0 for s in request.guidance_scales)
         return conditioning.build(self.text, encode, prompts, negatives, guided, request.height,
                                   request.width, request.extra, self.dtype, self.device, request.loras)
 
-    def call_conditioning(self, request: GenerationRequest) -> step_conditioning.StepConditioning | None:
+    def call_conditioning(self, request: GenerationRequest, composed: bool = False
+                          ) -> step_conditioning.StepConditioning | None:
         """The conditioning of each model call where a row's text changes during sampling
         (the web UI's prompt editing and alternation, ``prompt_syntax="a1111"``), over the
         request's steps; None where no row's text changes. Every distinct text (with its
-        row's LoRA set) is encoded once, up front."""
+        row's LoRA set) is encoded once, up front. ``composed``: see ``unet_conditioning``."""
         if request.prompt_syntax != "a1111":
             return None
         found = step_conditioning.schedules(request.prompts, request.negative_prompts, request.steps)
         if found is None:
             return None
-        guided = any(s > 1.0 for s in request.guidance_scales)
+        guided = composed or any(s > 1.0 for s in request.guidance_scales)
         sides = [found[0]] + ([found[1]] if guided else [])
         texts = [text for side in sides for entries in side for _, text in entries]
         row_sets = None
@@ -419,7 +428,7 @@ class Pipeline:
             texts, row_sets, lora_rows.set_key,
             lambda group, sets: self._text_rows(group, request.prompt_syntax, sets))
         return step_conditioning.StepConditioning(
-            *found, lambda prompts, negatives: self._build(request, prompts, negatives, encode))
+            *found, lambda prompts, negatives: self._build(request, prompts, negatives, encode, composed))
 
     def initial_noise(self, generators: list[torch.Generator], shape: tuple) -> torch.Tensor:
         # One draw of batch 1 per sample from its own generator, in float32 on the CPU.
@@ -443,15 +452,24 @@ class Pipeline:
 
     def model_fn(self, context: torch.Tensor | None, guided: torch.Tensor, scales: torch.Tensor,
                  context_mask: torch.Tensor | None = None, added: dict | None = None,
-                 at_call: Callable[[int], conditioning.Conditioning] | None = None):
+                 at_call: Callable[[int], conditioning.Conditioning] | None = None,
+                 composition: composable.Composition | None = None):
         """The raw UNet prediction with classifier-free guidance, for the sampler.
         ``added``: the UNet's other inputs (SDXL's ``pooled`` and ``time_ids``).
         ``at_call(step)``: the conditioning of each model call instead of one for all
-        (prompt editing, see ``step_conditioning``)."""
+        (prompt editing, see ``step_conditioning``). ``composition``: the conditioning's
+        rows are ``[negatives; sub-prompts]`` and each row's prediction is
+        ``uncond + scale * sum_k w_k * (cond_k - uncond)`` over its sub-prompts (the web
+        UI's AND); a row of one sub-prompt at weight 1 computes exactly what it would alone."""
         fixed = (context, context_mask, added or {})
         any_guided, all_guided = bool(guided.any()), bool(guided.all())
         guided = self._to_device(guided).view(-1, 1, 1, 1)
         scales = self._to_device(scales).view(-1, 1, 1, 1)
+        index = first = weights = None
+        if composition is not None:
+            any_guided = True  # the negatives run: a composed row reads them at any scale
+            index, first = torch.tensor(composition.rows), torch.tensor(composition.first)
+            weights = self._to_device(torch.tensor(composition.weights)).view(-1, 1, 1, 1)
 
         def predict(x_in: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
             context, context_mask, added = fixed
@@ -459,9 +477,11 @@ class Pipeline:
                 cond = at_call(step)
                 context, context_mask, added = cond.context, cond.context_mask, cond.unet_kwargs()
             batch = x_in.shape[0]
-            x_unet = torch.cat([x_in, x_in]) if any_guided else x_in  # (2B or B, C, h, w)
+            # (2B or B, C, h, w); composed: B negatives and one row per sub-prompt
+            extra = any_guided if index is None else index.to(x_in.device)
+            x_unet = x_in if extra is False else torch.cat([x_in, x_in if extra is True else x_in[extra]])
             x_unet = self._layout(x_unet.to(self.device, self.dtype))
-            out = self._unet_call(x_unet, self._timesteps(t, any_guided), context,
+            out = self._unet_call(x_unet, self._timesteps(t, extra), context,
                                   context_mask=context_mask, **added)
             if self._clone_output and self.compiled:
                 out = out.clone()
@@ -469,19 +489,28 @@ class Pipeline:
             if not any_guided:
                 return out
             uncond, cond = out[:batch], out[batch:]
-            mixed = uncond + scales * (cond - uncond)
+            if index is None:
+                mixed = uncond + scales * (cond - uncond)
+            else:
+                rows = index.to(out.device)
+                mixed = uncond + scales * torch.zeros_like(uncond).index_add_(
+                    0, rows, weights * (cond - uncond[rows]))
+                cond = cond[first.to(out.device)]
             return mixed if all_guided else torch.where(guided, mixed, cond)
 
         return predict
 
-    def _timesteps(self, t, doubled: bool) -> torch.Tensor:
-        """The UNet's timesteps on the device. One shared step stays a scalar: the UNet then
+    def _timesteps(self, t, extra: bool | torch.Tensor) -> torch.Tensor:
+        """The UNet's timesteps on the device, for the rows ``[x; x]`` (``extra`` True),
+        ``x`` (False) or ``[x; x[extra]]``. One shared step stays a scalar: the UNet then
         embeds it once, and it is made on the device from a number, with no host copy."""
         t = torch.as_tensor(t)
         if t.ndim == 0:
             return torch.full((), float(t), dtype=torch.float32, device=self.device)
         t = t.to(self.device)
-        return torch.cat([t, t]) if doubled else t
+        if extra is False:
+            return t
+        return torch.cat([t, t if extra is True else t[extra.to(t.device)]])
 
     def _denoise(self, request: GenerationRequest) -> torch.Tensor:
         if request.loras and any(request.loras):
@@ -494,17 +523,23 @@ class Pipeline:
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
         shape = (self.latent_channels, request.height // self.vae_factor, request.width // self.vae_factor)
         scales = torch.tensor(request.guidance_scales, dtype=torch.float32)
-        stepped = self.call_conditioning(request)
+        guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
+        composition = composable.compose(request.prompts) if request.prompt_syntax == "a1111" else None
+        texts = request
+        if composition is not None:  # the web UI's AND: each sub-prompt is a row of text
+            texts = dataclasses.replace(request, prompts=list(composition.texts), loras=None)
+            guided |= torch.tensor(composition.composed)
+        stepped = self.call_conditioning(texts, composition is not None)
         if stepped is None:
-            cond, context_mask, guided = self.unet_conditioning(request)
+            cond, context_mask, _ = self.unet_conditioning(texts, composition is not None)
             context = cond.context
-            predict = self.model_fn(context, guided, scales, context_mask, cond.unet_kwargs())
+            predict = self.model_fn(context, guided, scales, context_mask, cond.unet_kwargs(),
+                                    composition=composition)
             # every step attends to the same text: its keys and values are computed once (a
             # compiled UNet computes them inside its graph instead)
             cached = None if self.compiled else getattr(self.unet, "cached_context", None)
         else:  # the text changes between steps: keys and values are computed at each
-            guided = torch.tensor([s > 1.0 for s in request.guidance_scales])
-            predict = self.model_fn(None, guided, scales, at_call=stepped.at)
+            predict = self.model_fn(None, guided, scales, at_call=stepped.at, composition=composition)
             cached = None
         start, end = request.window
         with cached(context) if cached is not None else contextlib.nullcontext():
