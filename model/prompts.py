@@ -22,6 +22,8 @@ The prompts people share are written for the web UI, so they are read as it read
 Prompt editing (``[from:to:when]``, ``[to:when]``, ``[from::when]``) and alternating words
 (``[a|b]``) come first: ``prompt_editing.py`` turns a prompt into the text of each sampling
 step, by the web UI's rules, and each of those texts is then read here.
+Before either, a positive prompt may split at the web UI's ``AND`` into weighted
+sub-prompts (``composable.py``), each read on its own by both.
 
 The encoder side (BOS + 75 + EOS/pad, the weights applied to the hidden states) is in
 ``prompt_encoding.py``; this module knows nothing of tensors, so it serves every tokenizer

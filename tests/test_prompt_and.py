@@ -90,22 +90,28 @@ def sd1():
     return ref, ours_from_reference(ref)
 
 
+def sd1_embeds(ref):
+    return lambda texts: [(e, {}) for e in oracle_embeds(texts, ref)]
+
+
 @torch.no_grad()
-def oracle_image(ref, sampler, seed, parts, negative, scale):
-    """One image: ``parts`` [(text or one text per step, weight)], the web UI's sum."""
+def oracle_image(ref, sampler, seed, parts, negative, scale, embeds=None):
+    """One image: ``parts`` [(text or one text per step, weight)], the web UI's sum.
+    ``embeds(texts)``: one (encoder_hidden_states, other UNet arguments) per text."""
     texts = [[t] * STEPS if isinstance(t, str) else list(t) for t, _ in parts]
-    embeds = oracle_embeds([t for per_step in texts for t in per_step] + [negative], ref)
-    uncond = embeds[-1]
+    found = (embeds or sd1_embeds(ref))([t for per_step in texts for t in per_step] + [negative])
+    uncond = found[-1]
     scheduler = diffusers_scheduler(sampler, ref.scheduler_config)
     scheduler.set_timesteps(STEPS)
     generator = torch.Generator("cpu").manual_seed(seed)
     latents = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator) * scheduler.init_noise_sigma
     for step, t in enumerate(scheduler.timesteps):
         x = scheduler.scale_model_input(latents, t)
-        eps_u = ref.unet(x, t, encoder_hidden_states=uncond).sample
+        eps_u = ref.unet(x, t, encoder_hidden_states=uncond[0], **uncond[1]).sample
         total = torch.zeros_like(eps_u)
         for k, (_, weight) in enumerate(parts):
-            eps_c = ref.unet(x, t, encoder_hidden_states=embeds[k * STEPS + step]).sample
+            context, added = found[k * STEPS + step]
+            eps_c = ref.unet(x, t, encoder_hidden_states=context, **added).sample
             total = total + weight * (eps_c - eps_u)
         latents = scheduler.step(eps_u + scale * total, t, latents, generator=generator).prev_sample
     image = ref.vae.decode(latents / ref.vae.config.scaling_factor).sample
@@ -227,3 +233,27 @@ def test_a_sub_prompt_that_cannot_be_read_names_its_row(sd1):
     with pytest.raises(ValueError, match=r"prompts\[0\].*1e999"):
         pipe.generate(["a AND [b:c:1e999]"], seeds=[1], steps=STEPS, width=SIZE, height=SIZE,
                       prompt_syntax="a1111")
+
+
+def test_sdxl_sub_prompts_bring_their_own_pooled_embedding(tmp_path):
+    """SDXL: each sub-prompt's own context and pooled embedding (and the time ids)."""
+    from test_prompts_sdxl import oracle_embeds as sdxl_embeds
+    from test_prompts_sdxl import time_ids
+
+    from ldm_jobs import load_pipeline
+    from tests.tiny_sdxl import make_sdxl, save_sdxl_folder
+
+    ref = make_sdxl("sdxl", seed=3)
+    pipe = load_pipeline(str(save_sdxl_folder(ref, tmp_path / "tiny-sdxl")))
+
+    def embeds(texts):
+        return [(e, {"added_cond_kwargs": {"text_embeds": p, "time_ids": time_ids(1)}})
+                for e, p in sdxl_embeds(texts, ref)]
+
+    prompt = "a red circle AND (blue square:1.3), " + "sky, " * 40 + ":0.7"  # two chunks
+    (mine,) = ours(pipe, [prompt], [9], "euler", negative="ugly")
+    parts = [("a red circle", 1.0), ("(blue square:1.3), " + "sky, " * 40, 0.7)]
+    expected = oracle_image(ref, "euler", 9, parts, "ugly", 7.5, embeds)
+    assert diff(mine, expected) <= 2, f"{diff(mine, expected)}/255"
+    (joined,) = ours(pipe, [prompt.replace("AND", "and")], [9], "euler", negative="ugly")
+    assert diff(mine, joined) > 2
