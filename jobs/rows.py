@@ -17,7 +17,9 @@ A bad row never crashes its shard and is never dropped silently: it becomes a
   own id (`derive_seed`), so a rerun reproduces it whatever the shard layout;
 - under `prompt_syntax: a1111` a prompt or negative prompt the web UI's syntax cannot
   read (a weight or prompt-edit step that is not a finite number, an edit touching a
-  stray bracket) rejects the row naming the column; edits are scheduled over the row's steps.
+  stray bracket) rejects the row naming the column; edits are scheduled over the row's steps,
+  each AND sub-prompt on its own; a prompt with AND (or a trailing :WEIGHT) and LoRAs, or
+  in a job with a refiner, is rejected (``composable.unsupported``).
 """
 
 from __future__ import annotations

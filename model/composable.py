@@ -27,7 +27,9 @@ text ``a cat``); any other prompt is read whole, exactly as without this module.
 row]`` and combines each row's predictions with its weights (``Composition``). A
 composed row always runs its negative, at any guidance scale, as the web UI does (its
 ``cond_scale`` 1 still reads ``uncond + sum_i w_i * (cond_i - uncond)``); other rows
-keep diffusers' rule (at or below 1 the conditional branch alone).
+keep diffusers' rule (at or below 1 the conditional branch alone). The web UI sums its
+samplers' denoised images; the sum is affine with the same x and sigma in every term, so
+it is the same sum over the UNet's noise predictions, which is where it is taken here.
 """
 
 from __future__ import annotations

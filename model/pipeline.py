@@ -529,9 +529,11 @@ class Pipeline:
         if composition is not None:  # the web UI's AND: each sub-prompt is a row of text
             texts = dataclasses.replace(request, prompts=list(composition.texts), loras=None)
             guided |= torch.tensor(composition.composed)
-        stepped = self.call_conditioning(texts, composition is not None)
+        # (called with the request alone where nothing is composed: as before this existed)
+        composed = () if composition is None else (True,)
+        stepped = self.call_conditioning(texts, *composed)
         if stepped is None:
-            cond, context_mask, _ = self.unet_conditioning(texts, composition is not None)
+            cond, context_mask, _ = self.unet_conditioning(texts, *composed)
             context = cond.context
             predict = self.model_fn(context, guided, scales, context_mask, cond.unet_kwargs(),
                                     composition=composition)
