@@ -462,55 +462,53 @@ class Pipeline:
         ``uncond + scale * sum_k w_k * (cond_k - uncond)`` over its sub-prompts (the web
         UI's AND); a row of one sub-prompt at weight 1 computes exactly what it would alone."""
         fixed = (context, context_mask, added or {})
-        any_guided, all_guided = bool(guided.any()), bool(guided.all())
+        all_guided = bool(guided.all())
+        # The UNet's rows: x alone (no row guided), or [x; x[cond_rows]]: the negatives,
+        # then each row's positive (every row), or each of its sub-prompts (composed).
+        if composition is not None:  # the negatives run: a composed row reads them at any scale
+            cond_rows = torch.tensor(composition.rows)
+            first = self._to_device(torch.tensor(composition.first))
+            weights = self._to_device(torch.tensor(composition.weights)).view(-1, 1, 1, 1)
+        else:
+            cond_rows = torch.arange(len(scales)) if bool(guided.any()) else None
+        cond_rows = None if cond_rows is None else self._to_device(cond_rows)
         guided = self._to_device(guided).view(-1, 1, 1, 1)
         scales = self._to_device(scales).view(-1, 1, 1, 1)
-        index = first = weights = None
-        if composition is not None:
-            any_guided = True  # the negatives run: a composed row reads them at any scale
-            index, first = torch.tensor(composition.rows), torch.tensor(composition.first)
-            weights = self._to_device(torch.tensor(composition.weights)).view(-1, 1, 1, 1)
 
         def predict(x_in: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
             context, context_mask, added = fixed
             if at_call is not None:
                 cond = at_call(step)
                 context, context_mask, added = cond.context, cond.context_mask, cond.unet_kwargs()
-            batch = x_in.shape[0]
-            # (2B or B, C, h, w); composed: B negatives and one row per sub-prompt
-            extra = any_guided if index is None else index.to(x_in.device)
-            x_unet = x_in if extra is False else torch.cat([x_in, x_in if extra is True else x_in[extra]])
+            x_unet = x_in if cond_rows is None else torch.cat([x_in, x_in[cond_rows]])
             x_unet = self._layout(x_unet.to(self.device, self.dtype))
-            out = self._unet_call(x_unet, self._timesteps(t, extra), context,
+            out = self._unet_call(x_unet, self._timesteps(t, cond_rows), context,
                                   context_mask=context_mask, **added)
             if self._clone_output and self.compiled:
                 out = out.clone()
             out = out.float()
-            if not any_guided:
+            if cond_rows is None:
                 return out
-            uncond, cond = out[:batch], out[batch:]
-            if index is None:
+            uncond, cond = out[: x_in.shape[0]], out[x_in.shape[0] :]
+            if composition is None:
                 mixed = uncond + scales * (cond - uncond)
-            else:
-                rows = index.to(out.device)
+            else:  # the web UI's combine: uncond + scale * sum_k w_k (cond_k - uncond)
                 mixed = uncond + scales * torch.zeros_like(uncond).index_add_(
-                    0, rows, weights * (cond - uncond[rows]))
-                cond = cond[first.to(out.device)]
+                    0, cond_rows, weights * (cond - uncond[cond_rows]))
+                cond = cond[first]
             return mixed if all_guided else torch.where(guided, mixed, cond)
 
         return predict
 
-    def _timesteps(self, t, extra: bool | torch.Tensor) -> torch.Tensor:
-        """The UNet's timesteps on the device, for the rows ``[x; x]`` (``extra`` True),
-        ``x`` (False) or ``[x; x[extra]]``. One shared step stays a scalar: the UNet then
-        embeds it once, and it is made on the device from a number, with no host copy."""
+    def _timesteps(self, t, cond_rows: torch.Tensor | None) -> torch.Tensor:
+        """The UNet's timesteps on the device, for the rows ``x`` (``cond_rows`` None) or
+        ``[x; x[cond_rows]]``. One shared step stays a scalar: the UNet then embeds it
+        once, and it is made on the device from a number, with no host copy."""
         t = torch.as_tensor(t)
         if t.ndim == 0:
             return torch.full((), float(t), dtype=torch.float32, device=self.device)
         t = t.to(self.device)
-        if extra is False:
-            return t
-        return torch.cat([t, t if extra is True else t[extra.to(t.device)]])
+        return t if cond_rows is None else torch.cat([t, t[cond_rows]])
 
     def _denoise(self, request: GenerationRequest) -> torch.Tensor:
         if request.loras and any(request.loras):
@@ -529,11 +527,10 @@ class Pipeline:
         if composition is not None:  # the web UI's AND: each sub-prompt is a row of text
             texts = dataclasses.replace(request, prompts=list(composition.texts), loras=None)
             guided |= torch.tensor(composition.composed)
-        # (called with the request alone where nothing is composed: as before this existed)
-        composed = () if composition is None else (True,)
-        stepped = self.call_conditioning(texts, *composed)
+        composed = composition is not None
+        stepped = self.call_conditioning(texts, composed)
         if stepped is None:
-            cond, context_mask, _ = self.unet_conditioning(texts, *composed)
+            cond, context_mask, _ = self.unet_conditioning(texts, composed)
             context = cond.context
             predict = self.model_fn(context, guided, scales, context_mask, cond.unet_kwargs(),
                                     composition=composition)

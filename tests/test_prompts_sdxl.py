@@ -144,7 +144,7 @@ def test_sdxl_image_in_a_batch_equals_the_image_alone(sdxl, rows):
     assert pipe.text_context(request)[1] is not None  # the batch was padded
     # the same batch attending to the padding too: what the mask must prevent
     conditioning = pipe.unet_conditioning
-    pipe.unet_conditioning = lambda r: (lambda cond, _, guided: (cond, None, guided))(*conditioning(r))
+    pipe.unet_conditioning = lambda *args: (lambda cond, _, guided: (cond, None, guided))(*conditioning(*args))
     try:
         leaked = pipe.denoise(request)
     finally:
