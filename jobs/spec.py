@@ -136,8 +136,9 @@ class SamplingSpec(_Strict):
     strength: Strength = 0.75
     prompt_syntax: Literal["plain", "a1111"] = Field("plain", description=(
         "plain: diffusers' reading, cut at 77 tokens; a1111: the AUTOMATIC1111 web UI's "
-        "(emphasis:1.2), [less], BREAK, prompts of any length in 75-token chunks and "
-        "<lora:NAME:WEIGHT> tags"))
+        "(emphasis:1.2), [less], BREAK, prompts of any length in 75-token chunks, "
+        "<lora:NAME:WEIGHT> tags, prompt editing [from:to:when], alternation [a|b] and "
+        "AND with :WEIGHT (composable diffusion)"))
     loras: dict[Annotated[str, Field(min_length=1)], Guidance] = Field(
         default_factory=dict, description="{PATH: WEIGHT} of .safetensors LoRAs (local or "
         "s3://) for every row; a row's own `loras` column replaces it")
